@@ -1,0 +1,1 @@
+//! Aggregator: sharded, exactly-once windowed usage into PostgreSQL (issue #4).

@@ -1,0 +1,1 @@
+//! Ingest edge: authenticated, bounded, durable intake of CloudEvents into Kafka (issue #3).

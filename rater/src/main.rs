@@ -1,0 +1,17 @@
+//! `rater` binary. The service itself lands with its own issue; until then the binary only
+//! answers `--help` and `--version`, so that the workspace layout and scripts are in place.
+
+use clap::Parser;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "rater",
+    version,
+    about = "rater service of the metering pipeline (not implemented yet)"
+)]
+struct Cli {}
+
+fn main() -> anyhow::Result<()> {
+    let _cli = Cli::parse();
+    anyhow::bail!("rater is not implemented yet in this build")
+}
