@@ -17,7 +17,7 @@ mkdir -p "$RUN" "$LOGS" "$METERING_STATE/tansu" "$METERING_STATE/prometheus"
 
 # Services this script manages, in start order. The project's own services join the list as
 # their binaries land (see project_services).
-project_services() { :; }
+project_services() { echo ingest; }
 SERVICES="tansu prometheus $(project_services)"
 
 # ---------------------------------------------------------------- install what is missing
@@ -132,6 +132,11 @@ start_service() {
         --storage.tsdb.path="$METERING_STATE/prometheus" \
         --web.listen-address="127.0.0.1:$port" >>"$LOGS/prometheus.log" 2>&1) &
       ;;
+    ingest)
+      (INGEST_CONTROL_API_URL="http://127.0.0.1:$CONTROL_API_PORT" \
+        INGEST_KAFKA__TOPIC="$USAGE_TOPIC" \
+        exec setsid "$(bin_path ingest)" serve >>"$LOGS/$svc.log" 2>&1) &
+      ;;
     *)
       (exec setsid "$(bin_path "$svc")" serve >>"$LOGS/$svc.log" 2>&1) &
       ;;
@@ -183,6 +188,12 @@ up() {
   migrate
   local svc
   for svc in $SERVICES; do start_service "$svc"; done
+  # A service built from newer sources than the running one is restarted.
+  for svc in $(project_services); do
+    if [ "$(bin_path "$svc")" -nt "$RUN/$svc.pid" ]; then
+      log "restarting $svc (new build)"; stop_service "$svc"; start_service "$svc"
+    fi
+  done
   status
 }
 

@@ -2,3 +2,4 @@
 //! subscriptions, invoices, payments, notifications) and the operator CLI.
 
 pub mod db;
+pub mod keys;

@@ -21,6 +21,51 @@ struct Cli {
 enum Command {
     /// Apply pending SQL migrations (safe to run twice); prints the applied ones as JSON.
     Migrate,
+    /// Tenants (organizations).
+    #[command(subcommand)]
+    Tenants(TenantsCommand),
+    /// API keys; a new key's secret is printed once and never stored.
+    #[command(subcommand)]
+    Keys(KeysCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum TenantsCommand {
+    /// Create a tenant; prints {"id", "name"}.
+    Create {
+        #[arg(long)]
+        name: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum KeysCommand {
+    /// Create a key for a tenant; prints {"id", "tenant_id", "key", ...} (the key is shown once).
+    Create {
+        #[arg(long)]
+        tenant: uuid::Uuid,
+        /// Comma-separated scopes: ingest, read, admin (default: ingest).
+        #[arg(long, value_delimiter = ',')]
+        scopes: Vec<String>,
+        /// Comma-separated addresses or CIDR blocks allowed to use the key (default: any).
+        #[arg(long, value_delimiter = ',')]
+        allow: Option<Vec<String>>,
+        /// Requests per second allowed to this key at the ingest edge.
+        #[arg(long)]
+        rate_limit_rps: Option<i32>,
+        /// Events per second allowed to this key at the ingest edge.
+        #[arg(long)]
+        rate_limit_eps: Option<i32>,
+        #[arg(long, default_value = "")]
+        name: String,
+    },
+    /// Revoke a key; the ingest edge refuses it within its cache bound.
+    Revoke {
+        #[arg(long)]
+        tenant: uuid::Uuid,
+        #[arg(long)]
+        id: uuid::Uuid,
+    },
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -43,6 +88,44 @@ async fn main() -> anyhow::Result<()> {
                 "known": schemas::migrate::known().len(),
             });
             println!("{out}");
+        }
+        Command::Tenants(TenantsCommand::Create { name }) => {
+            let db = control_api::db::connect(&cli.database_url).await?;
+            let t = control_api::keys::create_tenant(&db, &name)
+                .await
+                .context("failed to create the tenant")?;
+            println!("{}", serde_json::to_string(&t)?);
+        }
+        Command::Keys(KeysCommand::Create {
+            tenant,
+            scopes,
+            allow,
+            rate_limit_rps,
+            rate_limit_eps,
+            name,
+        }) => {
+            let db = control_api::db::connect(&cli.database_url).await?;
+            let opts = control_api::keys::NewKey {
+                name,
+                scopes,
+                allowed_cidrs: allow,
+                rate_limit_rps,
+                rate_limit_eps,
+            };
+            let k = control_api::keys::create_key(&db, tenant, opts)
+                .await
+                .context("failed to create the key")?;
+            println!("{}", serde_json::to_string(&k)?);
+        }
+        Command::Keys(KeysCommand::Revoke { tenant, id }) => {
+            let db = control_api::db::connect(&cli.database_url).await?;
+            let revoked = control_api::keys::revoke_key(&db, tenant, id)
+                .await
+                .context("failed to revoke the key")?;
+            if !revoked {
+                anyhow::bail!("no live key {id} for tenant {tenant}");
+            }
+            println!("{}", serde_json::json!({"id": id, "revoked": true}));
         }
     }
     Ok(())

@@ -1,17 +1,101 @@
-//! `ingest` binary. The service itself lands with its own issue; until then the binary only
-//! answers `--help` and `--version`, so that the workspace layout and scripts are in place.
+//! `ingest` binary: parses arguments, sets up logging, runs [`ingest::run`]. SIGTERM or Ctrl-C
+//! drains (stop intake, finish in-flight requests, flush the producer); a second signal exits at
+//! once.
 
-use clap::Parser;
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
 
 #[derive(Debug, Parser)]
 #[command(
     name = "ingest",
     version,
-    about = "ingest service of the metering pipeline (not implemented yet)"
+    about = "Ingest edge of the metering pipeline"
 )]
-struct Cli {}
+struct Cli {
+    /// TOML configuration file (defaults, then this file, then INGEST_* variables).
+    #[arg(long, env = "INGEST_CONFIG", global = true)]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
 
-fn main() -> anyhow::Result<()> {
-    let _cli = Cli::parse();
-    anyhow::bail!("ingest is not implemented yet in this build")
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Serve HTTP (the default).
+    Serve,
+    /// Print the effective configuration (secrets redacted) and exit.
+    Config,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    let cli = Cli::parse();
+    let mut cfg =
+        ingest::Config::load(cli.config.as_deref()).context("failed to load the configuration")?;
+    // The stack's port variable, when set, names the listen port.
+    if let Some(port) = std::env::var("INGEST_PORT")
+        .ok()
+        .and_then(|p| p.parse().ok())
+    {
+        cfg.listen.set_port(port);
+    }
+    if let Ok(url) = std::env::var("DATABASE_URL") {
+        cfg.database_url = url;
+    }
+    if let Ok(b) = std::env::var("KAFKA_BROKERS") {
+        cfg.kafka.brokers = b;
+    }
+    match cli.command.unwrap_or(Command::Serve) {
+        Command::Config => {
+            let mut shown = cfg.clone();
+            shown.database_url = redact(&shown.database_url);
+            println!("{}", toml_like(&shown)?);
+            Ok(())
+        }
+        Command::Serve => {
+            let shutdown = tokio_util::sync::CancellationToken::new();
+            let token = shutdown.clone();
+            tokio::spawn(async move {
+                wait_signal().await;
+                tracing::info!("shutdown requested; draining (signal again to exit at once)");
+                token.cancel();
+                wait_signal().await;
+                tracing::warn!("second signal: exiting now");
+                std::process::exit(130);
+            });
+            ingest::run(cfg, ingest::Packing::Partition, shutdown)
+                .await
+                .context("ingest failed to start")?;
+            Ok(())
+        }
+    }
+}
+
+fn toml_like(cfg: &ingest::Config) -> anyhow::Result<String> {
+    Ok(serde_json::to_string_pretty(cfg)?)
+}
+
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.find('@')) {
+        (Some(s), Some(at)) if url[s + 3..at].contains(':') => {
+            let colon = s + 3 + url[s + 3..at].find(':').unwrap_or(0);
+            format!("{}:***{}", &url[..colon], &url[at..])
+        }
+        _ => url.to_string(),
+    }
+}
+
+async fn wait_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("cannot install the SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
 }

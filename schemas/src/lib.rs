@@ -6,6 +6,7 @@
 //! - [`migrate`]: the versioned SQL migrations and the one function that applies them.
 //! - [`kafka`]: names shared by the producer (ingest) and the consumer (aggregator).
 
+pub mod apikey;
 pub mod migrate;
 #[cfg(feature = "testing")]
 pub mod testing;
