@@ -44,6 +44,9 @@ pub struct KafkaConfig {
     pub max_in_flight_events: u32,
     /// librdkafka's own queue bound (messages); a full queue answers 503 too.
     pub queue_max_messages: u32,
+    /// `partition`: one protobuf record per (request, partition), the default; `event`: one
+    /// record per event (kept for the comparison in BENCHMARKS.md).
+    pub packing: crate::producer::Packing,
     /// Extra librdkafka settings, passed through verbatim.
     pub extra: std::collections::BTreeMap<String, String>,
 }
@@ -105,6 +108,7 @@ impl Default for KafkaConfig {
             produce_timeout_ms: 5_000,
             max_in_flight_events: 500_000,
             queue_max_messages: 100_000,
+            packing: crate::producer::Packing::Partition,
             extra: Default::default(),
         }
     }

@@ -56,16 +56,12 @@ pub struct Running {
 }
 
 /// Starts the service: loads keys, connects the producer, binds, serves until `shutdown`.
-pub async fn start(
-    cfg: Config,
-    packing: Packing,
-    shutdown: CancellationToken,
-) -> Result<Running, StartError> {
+pub async fn start(cfg: Config, shutdown: CancellationToken) -> Result<Running, StartError> {
     let prometheus = metrics::install();
     let keys = auth::KeyCache::new(cfg.auth.clone(), cfg.database_url.clone());
     let n = keys.reload().await?;
     metrics::set_key_cache_keys(n);
-    let producer = producer::Producer::start(cfg.kafka.clone(), packing).await?;
+    let producer = producer::Producer::start(cfg.kafka.clone()).await?;
     let listener = TcpListener::bind(cfg.listen)
         .await
         .map_err(|source| StartError::Bind {
@@ -85,12 +81,8 @@ pub async fn start(
 }
 
 /// Runs until `shutdown`, then drains (see [`start`]).
-pub async fn run(
-    cfg: Config,
-    packing: Packing,
-    shutdown: CancellationToken,
-) -> Result<(), StartError> {
-    let running = start(cfg, packing, shutdown).await?;
+pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), StartError> {
+    let running = start(cfg, shutdown).await?;
     let _ = running.done.await;
     Ok(())
 }

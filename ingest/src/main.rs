@@ -69,7 +69,7 @@ async fn main() -> anyhow::Result<()> {
                 tracing::warn!("second signal: exiting now");
                 std::process::exit(130);
             });
-            ingest::run(cfg, ingest::Packing::Partition, shutdown)
+            ingest::run(cfg, shutdown)
                 .await
                 .context("ingest failed to start")?;
             Ok(())

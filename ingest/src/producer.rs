@@ -146,7 +146,8 @@ pub enum ProducerError {
 
 impl Producer {
     /// Creates the producer and reads the topic's partition count.
-    pub async fn start(cfg: KafkaConfig, packing: Packing) -> Result<Arc<Self>, ProducerError> {
+    pub async fn start(cfg: KafkaConfig) -> Result<Arc<Self>, ProducerError> {
+        let packing = cfg.packing;
         let reset = Arc::new(AtomicBool::new(false));
         let inner = Arc::new(Self::create(&cfg, reset.clone())?);
         let timeout = Duration::from_millis(cfg.produce_timeout_ms);

@@ -88,7 +88,7 @@ impl Harness {
         let mut cfg = config(&db_url, brokers, &topic);
         tweak(&mut cfg);
         let shutdown = CancellationToken::new();
-        let running = ingest::start(cfg, ingest::Packing::Partition, shutdown.clone())
+        let running = ingest::start(cfg, shutdown.clone())
             .await
             .expect("ingest starts");
         Self {

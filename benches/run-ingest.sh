@@ -1,0 +1,90 @@
+#!/usr/bin/env bash
+# Ingest edge benchmark, measured beside a bare hyper server in the same run (same machine,
+# load generator co-located). Needs the stack up (scripts/stack.sh up). Prints a markdown table.
+#
+#   benches/run-ingest.sh [SECONDS_PER_RUN]   (default 10)
+#
+# Every 2xx counted is durable in Kafka (acks=all); a run with any non-204 answer is marked.
+set -euo pipefail
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+# shellcheck source=scripts/env.sh
+. "$ROOT/scripts/env.sh"
+DUR=${1:-10}
+CONNS=${BENCH_CONNECTIONS:-64}
+BARE_PORT=18090
+INGEST_BENCH_PORT=18080
+TOPIC=bench-events
+WORK=$(mktemp -d)
+trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$WORK"' EXIT
+
+command -v wrk >/dev/null || { DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null; }
+log "release build of ingest, control-api and bare-hyper"
+(cd "$ROOT" && cargo build --quiet --release -p ingest -p control-api -p benches --bins)
+BIN="$CARGO_TARGET_DIR/release"
+tansu topic create "$TOPIC" --broker "tcp://$KAFKA_BROKERS" --partitions 8 >/dev/null 2>&1 || true
+
+CLI="$BIN/control-api --database-url $DATABASE_URL"
+TENANT=$($CLI tenants create --name bench | python3 -c 'import json,sys; print(json.load(sys.stdin)["id"])')
+KEY=$($CLI keys create --tenant "$TENANT" --rate-limit-rps 1000000000 --rate-limit-eps 2000000000 |
+  python3 -c 'import json,sys; print(json.load(sys.stdin)["key"])')
+
+python3 "$ROOT/scripts/demo-events.py" 1 1 1 | python3 -c 'import json,sys; print(json.dumps(json.load(sys.stdin)[0]))' >"$WORK/single.json"
+python3 "$ROOT/scripts/demo-events.py" 100 100 2 >"$WORK/batch100.json"
+python3 "$ROOT/scripts/demo-events.py" 1000 1000 3 >"$WORK/batch1000.json"
+
+wait_port() { for _ in $(seq 1 100); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.1; done; die "port $1 did not open"; }
+
+# run NAME PORT BODY CONTENT_TYPE EVENTS_PER_REQUEST -> "req/s events/s p50 p99 bad"
+run() {
+  local name=$1 port=$2 body=$3 ct=$4 per=$5 out
+  out=$(WRK_BODY_FILE="$body" WRK_CONTENT_TYPE="$ct" WRK_KEY="$KEY" \
+    wrk -t2 -c"$CONNS" -d"${DUR}s" --latency -s "$ROOT/loadtest/post.lua" "http://127.0.0.1:$port/api/v1/events" | grep '^RESULT')
+  python3 - "$name" "$per" "$out" <<'PY'
+import sys
+name, per, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+kv = dict(x.split("=") for x in out.split()[1:])
+rps = int(kv["requests"]) / float(kv["seconds"])
+bad = int(kv["non204"]) + int(kv["errors"])
+print(f"{name}\t{rps:.0f}\t{rps*per:.0f}\t{kv['p50_ms']}\t{kv['p99_ms']}\t{bad}")
+PY
+}
+
+start_ingest() {
+  INGEST_PORT=$INGEST_BENCH_PORT INGEST_KAFKA__TOPIC=$TOPIC INGEST_KAFKA__PACKING=$1 \
+    RUST_LOG=warn "$BIN/ingest" serve >"$WORK/ingest.log" 2>&1 &
+  echo $! >"$WORK/ingest.pid"
+  wait_port $INGEST_BENCH_PORT
+}
+stop_ingest() { kill "$(cat "$WORK/ingest.pid")"; wait "$(cat "$WORK/ingest.pid")" 2>/dev/null || true; }
+
+"$BIN/bare-hyper" $BARE_PORT & wait_port $BARE_PORT
+results=()
+results+=("$(run 'bare hyper, 1 event/request' $BARE_PORT "$WORK/single.json" application/cloudevents+json 1)")
+start_ingest partition
+results+=("$(run 'ingest, 1 event/request' $INGEST_BENCH_PORT "$WORK/single.json" application/cloudevents+json 1)")
+results+=("$(run 'ingest, 100 events/request' $INGEST_BENCH_PORT "$WORK/batch100.json" application/cloudevents-batch+json 100)")
+results+=("$(run 'ingest, 1000 events/request' $INGEST_BENCH_PORT "$WORK/batch1000.json" application/cloudevents-batch+json 1000)")
+results+=("$(run 'bare hyper, 1000 events/request' $BARE_PORT "$WORK/batch1000.json" application/cloudevents-batch+json 1000)")
+stop_ingest
+start_ingest event
+results+=("$(run 'ingest packing=event, 100 events/request' $INGEST_BENCH_PORT "$WORK/batch100.json" application/cloudevents-batch+json 100)")
+results+=("$(run 'ingest packing=event, 1 event/request' $INGEST_BENCH_PORT "$WORK/single.json" application/cloudevents+json 1)")
+stop_ingest
+
+echo
+echo "| run ($CONNS connections, ${DUR}s each) | requests/s | events/s | p50 ms | p99 ms | non-2xx |"
+echo "|---|---:|---:|---:|---:|---:|"
+for r in "${results[@]}"; do IFS=$'\t' read -r n a b c d e <<<"$r"; echo "| $n | $a | $b | $c | $d | $e |"; done
+
+if [ "${BENCH_LATENCY:-1}" = 1 ] && command -v k6 >/dev/null; then
+  start_ingest partition
+  for target in "ingest:$INGEST_BENCH_PORT" "bare hyper:$BARE_PORT"; do
+    name=${target%%:*}; port=${target##*:}
+    k6 run --quiet -e KEY="$KEY" -e RATE="${BENCH_RATE:-10000}" -e DURATION=20s \
+      -e URL="http://127.0.0.1:$port" "$ROOT/loadtest/ingest-latency.js" >"$WORK/k6.txt" 2>&1 || true
+    echo
+    echo "k6 fixed rate ${BENCH_RATE:-10000} req/s, $name:"
+    grep -E "http_req_duration|http_reqs|checks|dropped_iterations" "$WORK/k6.txt" | sed 's/^/    /'
+  done
+  stop_ingest
+fi
