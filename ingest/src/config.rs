@@ -32,8 +32,15 @@ pub struct KafkaConfig {
     pub topic: String,
     /// `lz4` or `zstd` (or `none`).
     pub compression: String,
-    /// Producer batching: a batch leaves when it holds `batch_size` bytes or after `linger_ms`,
-    /// whichever comes first.
+    /// Coalescing of requests into records: a (tenant, partition) record leaves when it holds
+    /// `record_max_bytes`, or at the latest `coalesce_linger_us` after its first event.
+    pub coalesce_linger_us: u64,
+    pub record_max_bytes: usize,
+    /// Group commit: a partition with fewer records than this in flight takes a waiting record
+    /// at once; otherwise events gather until one is answered for (or the linger passes).
+    pub max_records_in_flight_per_partition: usize,
+    /// librdkafka's own batching of records into produce requests: a batch leaves when it holds
+    /// `batch_size` bytes or after `linger_ms`, whichever comes first.
     pub linger_ms: u64,
     pub batch_size: u64,
     /// A request whose records are not all acknowledged by the broker within this time gets 503
@@ -103,7 +110,10 @@ impl Default for KafkaConfig {
             brokers: "127.0.0.1:9092".into(),
             topic: schemas::kafka::USAGE_TOPIC.into(),
             compression: "lz4".into(),
-            linger_ms: 2,
+            coalesce_linger_us: 1_000,
+            record_max_bytes: 512 << 10,
+            max_records_in_flight_per_partition: 2,
+            linger_ms: 0,
             batch_size: 1_000_000,
             produce_timeout_ms: 5_000,
             max_in_flight_events: 500_000,

@@ -148,6 +148,7 @@ async fn serve(listener: TcpListener, state: Arc<server::State>, shutdown: Cance
         );
     }
     let producer = state.producer.clone();
+    producer.flush_slots(true);
     let flushed = tokio::task::spawn_blocking(move || producer.flush(grace)).await;
     match flushed {
         Ok(Ok(())) => tracing::info!("ingest stopped; producer flushed"),

@@ -1,16 +1,21 @@
-//! The Kafka producer: packs a request's events into one record per partition (or one per
-//! event, by configuration), produces with acks=all and idempotence on librdkafka's hot-path API
-//! (a delivery callback, no future per message), and tells the request when every record is
-//! acknowledged.
+//! The Kafka producer: coalesces the events of concurrent requests into one `EventBatch` record
+//! per (tenant, partition), produces with acks=all and idempotence on librdkafka's hot-path API
+//! (a delivery callback, no future per message), and answers each request once every record
+//! holding one of its events is acknowledged.
+//!
+//! Batching on size or time: a (tenant, partition) slot is produced as soon as it holds
+//! `record_max_bytes`, and otherwise by the flusher every `coalesce_linger_ms`. The broker's
+//! cost is per record, so at high request rates many requests share one record; at low rates a
+//! request waits at most the linger.
 //!
 //! Bounded memory: an in-flight budget of events (a semaphore) is taken before producing and
-//! released only when the broker has answered for every record of the request, so a slow or
-//! absent broker turns into prompt 503s instead of growing queues.
+//! released only when the broker has answered for every record holding the request's events, so a
+//! slow or absent broker turns into prompt 503s instead of growing queues.
 
 use crate::config::KafkaConfig;
 use crate::event::Event;
 use crate::metrics as m;
-use crate::record::{encode_batch, partition_for};
+use crate::record::{encode_batch, event_entry_len, partition_for, put_batch_header, put_event};
 use parking_lot::{Mutex, RwLock};
 use rdkafka::config::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
@@ -19,8 +24,9 @@ use rdkafka::producer::{
     BaseRecord, DeliveryResult, Producer as _, ProducerContext, ThreadedProducer,
 };
 use rdkafka::{ClientContext, Message};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
 
@@ -28,7 +34,8 @@ use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Packing {
-    /// One `EventBatch` record per (request, partition): the default (see BENCHMARKS.md).
+    /// One `EventBatch` record per (tenant, partition) per linger window, shared by concurrent
+    /// requests: the default (see BENCHMARKS.md).
     Partition,
     /// One record per event, keyed by tenant + subject.
     Event,
@@ -68,53 +75,131 @@ impl Pending {
     }
 }
 
-/// Set when the producer must be replaced before the next request: after a fatal error, or
-/// after a failed delivery. A failed delivery leaves the idempotent producer's sequence state at
-/// odds with the broker's (seen with tansu restarted: every later produce fails with an unknown
-/// broker error); a new producer gets a new producer id and starts clean.
+/// Asks for the producer to be replaced before the next record: after a fatal error, when every
+/// broker went away, or after a delivery the broker refused. A refused delivery can leave the
+/// idempotent producer's sequence state at odds with the broker's (seen with tansu restarted:
+/// every later produce failed with an unknown broker error); a new producer gets a new producer
+/// id and starts clean.
 struct Ctx {
-    reset: Arc<AtomicBool>,
+    shared: Arc<Shared>,
+}
+
+/// State shared by the producer and its delivery callback.
+struct Shared {
+    /// See [`Ctx`].
+    reset: AtomicBool,
+    coalesce: Mutex<Coalesce>,
+    /// Wakes the flusher when a record is answered for (its partition may take the next one).
+    wake: tokio::sync::Notify,
+}
+
+#[derive(Default)]
+struct Coalesce {
+    slots: HashMap<(i32, Arc<str>), Slot>,
+    /// Records produced and not yet answered for, per partition.
+    in_flight: HashMap<i32, usize>,
+}
+
+impl Shared {
+    /// A record of `partition` was answered for (or never queued).
+    fn record_done(&self, partition: i32) {
+        let mut c = self.coalesce.lock();
+        if let Some(n) = c.in_flight.get_mut(&partition) {
+            *n = n.saturating_sub(1);
+        }
+        let waiting = !c.slots.is_empty();
+        drop(c);
+        if waiting {
+            self.wake.notify_one();
+        }
+    }
 }
 
 impl ClientContext for Ctx {
     fn error(&self, error: KafkaError, reason: &str) {
-        if matches!(error.rdkafka_error_code(), Some(RDKafkaErrorCode::Fatal)) {
-            self.reset.store(true, Ordering::Release);
+        match error.rdkafka_error_code() {
+            Some(RDKafkaErrorCode::Fatal) => self.shared.reset.store(true, Ordering::Release),
+            // The broker went away: when it comes back, this producer would resend its queued
+            // records under its old producer id, and tansu 0.6 (SQLite storage) panics on a
+            // producer id it no longer knows, leaving its storage dead until restarted. Replace
+            // the producer right away (the flusher does it) so nothing is sent under the old id.
+            Some(RDKafkaErrorCode::AllBrokersDown) => {
+                self.shared.reset.store(true, Ordering::Release);
+                self.shared.wake.notify_one();
+            }
+            _ => {}
         }
         tracing::warn!(error = %error, reason, "kafka client error");
     }
 }
 
-impl ProducerContext for Ctx {
-    type DeliveryOpaque = Arc<Pending>;
+/// The requests waiting on one record, and the record's partition when it was coalesced.
+struct Waiters {
+    partition: Option<i32>,
+    list: Vec<Arc<Pending>>,
+}
 
-    fn delivery(&self, result: &DeliveryResult<'_>, pending: Arc<Pending>) {
+impl Waiters {
+    fn finish(self, err: Option<String>, shared: &Shared) {
+        for w in self.list {
+            w.finish_one(err.clone());
+        }
+        if let Some(p) = self.partition {
+            shared.record_done(p);
+        }
+    }
+}
+
+impl ProducerContext for Ctx {
+    type DeliveryOpaque = Box<Waiters>;
+
+    fn delivery(&self, result: &DeliveryResult<'_>, waiters: Box<Waiters>) {
         match result {
             Ok(msg) => {
                 let _ = msg.offset();
-                pending.finish_one(None);
+                waiters.finish(None, &self.shared);
             }
             Err((e, _)) => {
+                // Timeouts are librdkafka's own to recover from (it re-initialises the producer
+                // id itself); replacing the producer on them would restart its slow start after
+                // a broker restart again and again. Purges are ours.
                 if !matches!(
                     e.rdkafka_error_code(),
-                    Some(RDKafkaErrorCode::PurgeQueue | RDKafkaErrorCode::PurgeInflight)
+                    Some(
+                        RDKafkaErrorCode::PurgeQueue
+                            | RDKafkaErrorCode::PurgeInflight
+                            | RDKafkaErrorCode::MessageTimedOut
+                    )
                 ) {
-                    self.reset.store(true, Ordering::Release);
+                    self.shared.reset.store(true, Ordering::Release);
                 }
-                pending.finish_one(Some(e.to_string()));
+                waiters.finish(Some(e.to_string()), &self.shared);
             }
         }
     }
+}
+
+/// Events of one (tenant, partition) waiting for the next record.
+struct Slot {
+    /// `EventBatch` bytes so far: header, then event entries.
+    buf: Vec<u8>,
+    /// Record key: tenant + subject of the slot's first event.
+    key: Vec<u8>,
+    events: usize,
+    waiters: Vec<Arc<Pending>>,
+    opened: Instant,
 }
 
 pub struct Producer {
     cfg: KafkaConfig,
     packing: Packing,
     inner: RwLock<Arc<ThreadedProducer<Ctx>>>,
-    reset: Arc<AtomicBool>,
+    shared: Arc<Shared>,
     partitions: AtomicU32,
     budget: Arc<Semaphore>,
     timeout: Duration,
+    linger: Duration,
+    headers: OwnedHeaders,
 }
 
 impl std::fmt::Debug for Producer {
@@ -148,28 +233,38 @@ impl Producer {
     /// Creates the producer and reads the topic's partition count.
     pub async fn start(cfg: KafkaConfig) -> Result<Arc<Self>, ProducerError> {
         let packing = cfg.packing;
-        let reset = Arc::new(AtomicBool::new(false));
-        let inner = Arc::new(Self::create(&cfg, reset.clone())?);
+        let shared = Arc::new(Shared {
+            reset: AtomicBool::new(false),
+            coalesce: Mutex::new(Coalesce::default()),
+            wake: tokio::sync::Notify::new(),
+        });
+        let inner = Arc::new(Self::create(&cfg, shared.clone())?);
         let timeout = Duration::from_millis(cfg.produce_timeout_ms);
         let p = Arc::new(Self {
             budget: Arc::new(Semaphore::new(cfg.max_in_flight_events as usize)),
-            cfg,
             packing,
             inner: RwLock::new(inner),
-            reset,
+            linger: Duration::from_micros(cfg.coalesce_linger_us.max(100)),
+            cfg,
+            shared,
             partitions: AtomicU32::new(0),
             timeout,
+            headers: OwnedHeaders::new().insert(Header {
+                key: schemas::kafka::CONTENT_TYPE_HEADER,
+                value: Some(schemas::kafka::EVENT_BATCH_V1),
+            }),
         });
         let n = p.refresh_partitions(Duration::from_secs(10)).await?;
         if n == 0 {
             return Err(ProducerError::NoTopic(p.cfg.topic.clone()));
         }
+        tokio::spawn(flusher(Arc::downgrade(&p)));
         Ok(p)
     }
 
     fn create(
         cfg: &KafkaConfig,
-        reset: Arc<AtomicBool>,
+        shared: Arc<Shared>,
     ) -> Result<ThreadedProducer<Ctx>, ProducerError> {
         let mut c = ClientConfig::new();
         c.set("bootstrap.servers", &cfg.brokers)
@@ -188,7 +283,7 @@ impl Producer {
         for (k, v) in &cfg.extra {
             c.set(k, v);
         }
-        c.create_with_context(Ctx { reset })
+        c.create_with_context(Ctx { shared })
             .map_err(|e| ProducerError::Create(Box::new(e)))
     }
 
@@ -238,8 +333,8 @@ impl Producer {
     /// one's queued records are purged, which fails their requests (503, resend) and releases
     /// their share of the in-flight budget; it is dropped off the async workers.
     fn producer(&self) -> Arc<ThreadedProducer<Ctx>> {
-        if self.reset.swap(false, Ordering::AcqRel) {
-            match Self::create(&self.cfg, self.reset.clone()) {
+        if self.shared.reset.swap(false, Ordering::AcqRel) {
+            match Self::create(&self.cfg, self.shared.clone()) {
                 Ok(p) => {
                     tracing::warn!("kafka producer replaced after a failed delivery");
                     let old = std::mem::replace(&mut *self.inner.write(), Arc::new(p));
@@ -251,18 +346,18 @@ impl Producer {
                 }
                 Err(e) => {
                     tracing::error!(error = %e, "cannot replace the kafka producer");
-                    self.reset.store(true, Ordering::Release);
+                    self.shared.reset.store(true, Ordering::Release);
                 }
             }
         }
         self.inner.read().clone()
     }
 
-    /// Produces `events` of `tenant` and waits until the broker acknowledged all of them, or the
-    /// produce timeout passed.
+    /// Produces `events` of `tenant` and waits until the broker acknowledged every record
+    /// holding them, or the produce timeout passed.
     pub async fn send(
         &self,
-        tenant: &str,
+        tenant: &Arc<str>,
         request_id: &str,
         events: &[Event<'_>],
     ) -> ProduceOutcome {
@@ -271,68 +366,24 @@ impl Producer {
             return ProduceOutcome::Overloaded("in-flight event budget is full");
         };
         let partitions = self.partitions().max(1);
-        let received = now_unix_nanos();
-        // Group event indexes by partition (the partition of tenant + subject).
-        let mut groups: Vec<Vec<&Event<'_>>> = vec![Vec::new(); partitions as usize];
+        // Partition of each event (the partition of tenant + subject).
         let mut key = Vec::with_capacity(64);
-        for e in events {
-            key.clear();
-            key.extend_from_slice(tenant.as_bytes());
-            key.push(0);
-            key.extend_from_slice(e.subject.as_bytes());
-            groups[partition_for(&key, partitions) as usize].push(e);
-        }
-        let records: Vec<(i32, Vec<&Event<'_>>)> = match self.packing {
-            Packing::Partition => groups
-                .into_iter()
-                .enumerate()
-                .filter(|(_, g)| !g.is_empty())
-                .map(|(p, g)| (p as i32, g))
-                .collect(),
-            Packing::Event => groups
-                .into_iter()
-                .enumerate()
-                .flat_map(|(p, g)| g.into_iter().map(move |e| (p as i32, vec![e])))
-                .collect(),
-        };
+        let parts: Vec<i32> = events
+            .iter()
+            .map(|e| {
+                key.clear();
+                key.extend_from_slice(tenant.as_bytes());
+                key.push(0);
+                key.extend_from_slice(e.subject.as_bytes());
+                partition_for(&key, partitions)
+            })
+            .collect();
         let (tx, rx) = oneshot::channel();
-        let pending = Arc::new(Pending {
-            remaining: AtomicUsize::new(records.len()),
-            error: Mutex::new(None),
-            tx: Mutex::new(Some(tx)),
-            _permit: permit,
-        });
-        let producer = self.producer();
         let started = Instant::now();
-        let headers = OwnedHeaders::new().insert(Header {
-            key: schemas::kafka::CONTENT_TYPE_HEADER,
-            value: Some(schemas::kafka::EVENT_BATCH_V1),
-        });
-        let count = records.len();
-        for (i, (partition, group)) in records.into_iter().enumerate() {
-            let payload = encode_batch(tenant, request_id, received, group.iter().copied());
-            let key = schemas::kafka::record_key(tenant, &group[0].subject);
-            m::record_produced(group.len(), payload.len());
-            let record = BaseRecord::with_opaque_to(&self.cfg.topic, pending.clone())
-                .partition(partition)
-                .key(&key)
-                .payload(&payload)
-                .headers(headers.clone());
-            if let Err((e, _)) = producer.send(record) {
-                // This record and the ones after it were never queued: count them as answered.
-                for _ in i..count {
-                    pending.finish_one(Some(e.to_string()));
-                }
-                if matches!(
-                    e,
-                    KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull)
-                ) {
-                    return ProduceOutcome::Overloaded("producer queue is full");
-                }
-                return ProduceOutcome::Failed(format!("cannot queue the record: {e}"));
-            }
+        match self.packing {
+            Packing::Partition => self.coalesce(tenant, events, &parts, permit, tx),
+            Packing::Event => self.per_event(tenant, request_id, events, &parts, permit, tx),
         }
-        drop(pending);
         let outcome = match tokio::time::timeout(self.timeout, rx).await {
             Ok(Ok(None)) => ProduceOutcome::Acked,
             Ok(Ok(Some(e))) => {
@@ -348,6 +399,159 @@ impl Producer {
         outcome
     }
 
+    /// Appends the request's events to the (tenant, partition) slots; produces slots that
+    /// reached the size bound at once, the rest is left to the flusher.
+    fn coalesce(
+        &self,
+        tenant: &Arc<str>,
+        events: &[Event<'_>],
+        parts: &[i32],
+        permit: OwnedSemaphorePermit,
+        tx: oneshot::Sender<Option<String>>,
+    ) {
+        // Encode outside the lock, one buffer per touched partition.
+        let mut groups: Vec<(i32, Vec<u8>, usize, usize)> = Vec::new(); // (partition, bytes, events, first)
+        for (i, (e, &p)) in events.iter().zip(parts).enumerate() {
+            let g = match groups.iter_mut().position(|g| g.0 == p) {
+                Some(g) => &mut groups[g],
+                None => {
+                    groups.push((p, Vec::new(), 0, i));
+                    groups.last_mut().expect("just pushed")
+                }
+            };
+            g.1.reserve(event_entry_len(e));
+            put_event(e, &mut g.1);
+            g.2 += 1;
+        }
+        let pending = Arc::new(Pending {
+            remaining: AtomicUsize::new(groups.len()),
+            error: Mutex::new(None),
+            tx: Mutex::new(Some(tx)),
+            _permit: permit,
+        });
+        let received = now_unix_nanos();
+        let limit = self.cfg.max_records_in_flight_per_partition.max(1);
+        let mut ready = Vec::new();
+        {
+            let mut guard = self.shared.coalesce.lock();
+            let c = &mut *guard;
+            for (p, bytes, count, first) in groups {
+                let key = (p, tenant.clone());
+                let slot = c.slots.entry(key.clone()).or_insert_with(|| {
+                    let mut buf = Vec::with_capacity(bytes.len().max(4096) + 64);
+                    put_batch_header(tenant, "", received, &mut buf);
+                    Slot {
+                        buf,
+                        key: schemas::kafka::record_key(tenant, &events[first].subject),
+                        events: 0,
+                        waiters: Vec::new(),
+                        opened: Instant::now(),
+                    }
+                });
+                slot.buf.extend_from_slice(&bytes);
+                slot.events += count;
+                slot.waiters.push(pending.clone());
+                // Group commit: a partition with room in flight takes the record now; otherwise
+                // events gather until a record of the partition is answered for, the linger
+                // passes or the record is full.
+                let in_flight = c.in_flight.entry(p).or_default();
+                if *in_flight < limit || slot.buf.len() >= self.cfg.record_max_bytes {
+                    if let Some(s) = c.slots.remove(&key) {
+                        *in_flight += 1;
+                        ready.push((p, s));
+                    }
+                }
+            }
+        }
+        for (p, slot) in ready {
+            self.produce_slot(p, slot);
+        }
+    }
+
+    /// Produces the slots whose partition has room in flight or that waited the linger; with
+    /// `all`, every slot (shutdown).
+    pub fn flush_slots(&self, all: bool) {
+        let limit = self.cfg.max_records_in_flight_per_partition.max(1);
+        let mut ready = Vec::new();
+        {
+            let mut guard = self.shared.coalesce.lock();
+            let c = &mut *guard;
+            let keys: Vec<(i32, Arc<str>)> = c
+                .slots
+                .iter()
+                .filter(|((p, _), slot)| {
+                    all || slot.opened.elapsed() >= self.linger
+                        || c.in_flight.get(p).copied().unwrap_or(0) < limit
+                })
+                .map(|(k, _)| k.clone())
+                .collect();
+            for k in keys {
+                if let Some(slot) = c.slots.remove(&k) {
+                    *c.in_flight.entry(k.0).or_default() += 1;
+                    ready.push((k.0, slot));
+                }
+            }
+        }
+        for (p, slot) in ready {
+            self.produce_slot(p, slot);
+        }
+    }
+
+    fn produce_slot(&self, partition: i32, slot: Slot) {
+        m::record_produced(slot.events, slot.buf.len());
+        let producer = self.producer();
+        let waiters = Box::new(Waiters {
+            partition: (self.packing == Packing::Partition).then_some(partition),
+            list: slot.waiters,
+        });
+        let record = BaseRecord::with_opaque_to(&self.cfg.topic, waiters)
+            .partition(partition)
+            .key(&slot.key)
+            .payload(&slot.buf)
+            .headers(self.headers.clone());
+        if let Err((e, record)) = producer.send(record) {
+            let why = if matches!(
+                e,
+                KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull)
+            ) {
+                "producer queue is full".to_string()
+            } else {
+                format!("cannot queue the record: {e}")
+            };
+            record.delivery_opaque.finish(Some(why), &self.shared);
+        }
+    }
+
+    /// One record per event (the comparison mode of BENCHMARKS.md).
+    fn per_event(
+        &self,
+        tenant: &str,
+        request_id: &str,
+        events: &[Event<'_>],
+        parts: &[i32],
+        permit: OwnedSemaphorePermit,
+        tx: oneshot::Sender<Option<String>>,
+    ) {
+        let pending = Arc::new(Pending {
+            remaining: AtomicUsize::new(events.len()),
+            error: Mutex::new(None),
+            tx: Mutex::new(Some(tx)),
+            _permit: permit,
+        });
+        let received = now_unix_nanos();
+        for (e, &p) in events.iter().zip(parts) {
+            let buf = encode_batch(tenant, request_id, received, std::iter::once(e));
+            let slot = Slot {
+                key: schemas::kafka::record_key(tenant, &e.subject),
+                buf,
+                events: 1,
+                waiters: vec![pending.clone()],
+                opened: Instant::now(),
+            };
+            self.produce_slot(p, slot);
+        }
+    }
+
     /// Waits until every queued record is answered for, at most `timeout`.
     pub fn flush(&self, timeout: Duration) -> Result<(), KafkaError> {
         self.inner.read().flush(timeout)
@@ -358,4 +562,24 @@ fn now_unix_nanos() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos() as i64)
+}
+
+/// Produces waiting slots when a record is answered for (group commit) and at least every
+/// linger, until the producer is dropped.
+async fn flusher(producer: Weak<Producer>) {
+    let (linger, shared) = match producer.upgrade() {
+        Some(p) => (p.linger, p.shared.clone()),
+        None => return,
+    };
+    loop {
+        tokio::select! {
+            _ = shared.wake.notified() => {}
+            _ = tokio::time::sleep(linger) => {}
+        }
+        let Some(p) = producer.upgrade() else { return };
+        if p.shared.reset.load(Ordering::Acquire) {
+            let _ = p.producer();
+        }
+        p.flush_slots(false);
+    }
 }

@@ -76,6 +76,37 @@ fn event_len(e: &Event<'_>) -> usize {
         + str_len(6, e.data.unwrap_or(""))
 }
 
+/// Writes the batch-level fields of an `EventBatch`. Event entries may follow in any number
+/// (protobuf concatenation: repeated field 4 entries appended one by one form the same message).
+pub fn put_batch_header(
+    tenant: &str,
+    request_id: &str,
+    received_unix_nanos: i64,
+    buf: &mut Vec<u8>,
+) {
+    put_str(1, tenant, buf);
+    put_str(2, request_id, buf);
+    put_sfixed64(3, received_unix_nanos, buf);
+}
+
+/// Appends one event as an `EventBatch.events` entry (field 4).
+pub fn put_event(e: &Event<'_>, buf: &mut Vec<u8>) {
+    encode_key(4, WireType::LengthDelimited, buf);
+    encode_varint(event_len(e) as u64, buf);
+    put_str(1, &e.id, buf);
+    put_str(2, &e.source, buf);
+    put_str(3, &e.ty, buf);
+    put_str(4, &e.subject, buf);
+    put_sfixed64(5, e.time_unix_nanos, buf);
+    put_str(6, e.data.unwrap_or(""), buf);
+}
+
+/// Bytes [`put_event`] writes for `e`.
+pub fn event_entry_len(e: &Event<'_>) -> usize {
+    let l = event_len(e);
+    1 + encoded_len_varint(l as u64) + l
+}
+
 /// Encodes an `EventBatch` of `events` for `tenant`.
 pub fn encode_batch<'a>(
     tenant: &str,
@@ -83,26 +114,11 @@ pub fn encode_batch<'a>(
     received_unix_nanos: i64,
     events: impl Iterator<Item = &'a Event<'a>> + Clone,
 ) -> Vec<u8> {
-    let body: usize = events
-        .clone()
-        .map(|e| {
-            let l = event_len(e);
-            1 + encoded_len_varint(l as u64) + l
-        })
-        .sum();
+    let body: usize = events.clone().map(event_entry_len).sum();
     let mut buf = Vec::with_capacity(body + tenant.len() + request_id.len() + 24);
-    put_str(1, tenant, &mut buf);
-    put_str(2, request_id, &mut buf);
-    put_sfixed64(3, received_unix_nanos, &mut buf);
+    put_batch_header(tenant, request_id, received_unix_nanos, &mut buf);
     for e in events {
-        encode_key(4, WireType::LengthDelimited, &mut buf);
-        encode_varint(event_len(e) as u64, &mut buf);
-        put_str(1, &e.id, &mut buf);
-        put_str(2, &e.source, &mut buf);
-        put_str(3, &e.ty, &mut buf);
-        put_str(4, &e.subject, &mut buf);
-        put_sfixed64(5, e.time_unix_nanos, &mut buf);
-        put_str(6, e.data.unwrap_or(""), &mut buf);
+        put_event(e, &mut buf);
     }
     buf
 }

@@ -678,3 +678,36 @@ async fn other_api_paths_go_to_control_api_and_ops_endpoints_answer() {
     let r = send(down.addr, "GET", "/api/v1/meters", &[], Bytes::new()).await;
     assert_eq!(r.status, 502, "{}", r.body);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_requests_share_records_and_each_is_acknowledged() {
+    // A long linger makes the sharing certain: 40 requests inside one window.
+    let h = Harness::with(|c| c.kafka.coalesce_linger_us = 300_000).await;
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..40 {
+        let (addr, auth) = (h.addr, format!("Bearer {}", h.key));
+        tasks.spawn(async move {
+            let body = Bytes::from(event(&format!("c-{i}"), "same-subject").to_string());
+            send(
+                addr,
+                "POST",
+                "/api/v1/events",
+                &[("content-type", CE), ("authorization", &auth)],
+                body,
+            )
+            .await
+            .status
+        });
+    }
+    while let Some(status) = tasks.join_next().await {
+        assert_eq!(status.expect("task"), 204);
+    }
+    let records = h.consume(40, Duration::from_secs(30));
+    let events: usize = records.iter().map(|r| r.batch.events.len()).sum();
+    assert_eq!(events, 40);
+    assert!(
+        records.len() < 10,
+        "40 concurrent requests took {} records",
+        records.len()
+    );
+}
