@@ -179,6 +179,15 @@ impl ProducerContext for Ctx {
     }
 }
 
+/// One request's encoded events for one partition (a request may have several per partition).
+struct Chunk {
+    partition: i32,
+    bytes: Vec<u8>,
+    events: usize,
+    /// Index of the chunk's first event (its subject keys a new record).
+    first: usize,
+}
+
 /// Events of one (tenant, partition) waiting for the next record.
 struct Slot {
     /// `EventBatch` bytes so far: header, then event entries.
@@ -410,18 +419,29 @@ impl Producer {
         tx: oneshot::Sender<Option<String>>,
     ) {
         // Encode outside the lock, one buffer per touched partition.
-        let mut groups: Vec<(i32, Vec<u8>, usize, usize)> = Vec::new(); // (partition, bytes, events, first)
+        // Encode outside the lock into chunks per partition, each at most half a record, so that
+        // no record ever exceeds `record_max_bytes` (the broker refuses oversized records).
+        let chunk_max = self.cfg.record_max_bytes / 2;
+        let mut groups: Vec<Chunk> = Vec::new();
         for (i, (e, &p)) in events.iter().zip(parts).enumerate() {
-            let g = match groups.iter_mut().position(|g| g.0 == p) {
+            let len = event_entry_len(e);
+            let open = groups
+                .iter()
+                .rposition(|g| g.partition == p && g.bytes.len() + len <= chunk_max.max(len));
+            let g = match open {
                 Some(g) => &mut groups[g],
                 None => {
-                    groups.push((p, Vec::new(), 0, i));
+                    groups.push(Chunk {
+                        partition: p,
+                        bytes: Vec::with_capacity(len * 4),
+                        events: 0,
+                        first: i,
+                    });
                     groups.last_mut().expect("just pushed")
                 }
             };
-            g.1.reserve(event_entry_len(e));
-            put_event(e, &mut g.1);
-            g.2 += 1;
+            put_event(e, &mut g.bytes);
+            g.events += 1;
         }
         let pending = Arc::new(Pending {
             remaining: AtomicUsize::new(groups.len()),
@@ -435,8 +455,24 @@ impl Producer {
         {
             let mut guard = self.shared.coalesce.lock();
             let c = &mut *guard;
-            for (p, bytes, count, first) in groups {
+            for Chunk {
+                partition: p,
+                bytes,
+                events: count,
+                first,
+            } in groups
+            {
                 let key = (p, tenant.clone());
+                // A chunk that would overflow the waiting record closes it first.
+                if c.slots
+                    .get(&key)
+                    .is_some_and(|s| s.buf.len() + bytes.len() > self.cfg.record_max_bytes)
+                {
+                    if let Some(s) = c.slots.remove(&key) {
+                        *c.in_flight.entry(p).or_default() += 1;
+                        ready.push((p, s));
+                    }
+                }
                 let slot = c.slots.entry(key.clone()).or_insert_with(|| {
                     let mut buf = Vec::with_capacity(bytes.len().max(4096) + 64);
                     put_batch_header(tenant, "", received, &mut buf);

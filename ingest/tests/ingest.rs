@@ -711,3 +711,39 @@ async fn concurrent_requests_share_records_and_each_is_acknowledged() {
         records.len()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_requests_are_split_into_records_the_broker_takes() {
+    // 3 000 events with 2 KB of data each, all on one subject: about 6 MB of records for one
+    // partition, which must leave as several records under the size bound, compressed with zstd.
+    let h = Harness::with(|c| {
+        c.limits.max_body_bytes = 16 << 20;
+        c.limits.max_decompressed_bytes = 16 << 20;
+        c.kafka.record_max_bytes = 256 << 10;
+        c.kafka.compression = "zstd".into();
+    })
+    .await;
+    let pad = "p".repeat(2_000);
+    let batch: Vec<_> = (0..3_000)
+        .map(|i| {
+            let mut e = event(&format!("big-{i}"), "one-subject");
+            e["data"]["pad"] = pad.clone().into();
+            e
+        })
+        .collect();
+    let r = h
+        .post(BATCH, serde_json::to_vec(&batch).expect("json"))
+        .await;
+    assert_eq!(r.status, 204, "{}", r.body);
+    let records = h.consume(3_000, Duration::from_secs(60));
+    let events: usize = records.iter().map(|r| r.batch.events.len()).sum();
+    assert_eq!(events, 3_000);
+    assert!(records.len() >= 20, "only {} records", records.len());
+    let mut ids: Vec<_> = records
+        .iter()
+        .flat_map(|r| r.batch.events.iter().map(|e| e.id.clone()))
+        .collect();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), 3_000);
+}
