@@ -88,7 +88,7 @@ async fn main() {
     let start = Instant::now();
     let mut sent = 0u64;
     while sent < total {
-        let due = ((start.elapsed().as_nanos() as u128 * rate as u128) / 1_000_000_000) as u64;
+        let due = ((start.elapsed().as_nanos() * rate as u128) / 1_000_000_000) as u64;
         while sent < due.min(total) {
             let scheduled = start + Duration::from_nanos(sent * 1_000_000_000 / rate);
             if tx.send(scheduled).await.is_err() {
