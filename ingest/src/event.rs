@@ -465,4 +465,53 @@ mod tests {
         };
         assert!(p[0].reason.contains("over the limit"));
     }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(2000))]
+
+        /// The decoder of outside input never panics, whatever the bytes, and an accepted body
+        /// always yields at least one event and at most the limit.
+        #[test]
+        fn decoding_arbitrary_bytes_never_panics(body in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..600)) {
+            for f in [BodyFormat::Single, BodyFormat::Batch, BodyFormat::Ndjson, BodyFormat::Json] {
+                if let Ok(events) = decode(&body, f, LIMITS) {
+                    proptest::prop_assert!(!events.is_empty() && events.len() <= LIMITS.max_events);
+                }
+            }
+        }
+
+        /// Near-valid events (fields dropped, retyped or garbled) are either accepted whole or
+        /// refused with problems that name a field and an index inside the body.
+        #[test]
+        fn mutated_events_get_located_problems(
+            drop_field in 0usize..8,
+            retype in 0usize..8,
+            garble in proptest::option::of("[\\x00-\\x7f]{0,12}"),
+            count in 1usize..4,
+        ) {
+            let fields = ["specversion", "id", "source", "type", "subject", "time", "data", "extra"];
+            let mut evs = Vec::new();
+            for i in 0..count {
+                let mut e: serde_json::Value = serde_json::from_str(&ev(&i.to_string())).expect("json");
+                let obj = e.as_object_mut().expect("object");
+                if i == 0 {
+                    obj.remove(fields[drop_field]);
+                    obj.insert(fields[retype].to_string(), serde_json::json!(42));
+                    if let Some(g) = &garble {
+                        obj.insert("time".into(), serde_json::Value::String(g.clone()));
+                    }
+                }
+                evs.push(e);
+            }
+            let body = serde_json::to_vec(&evs).expect("json");
+            match decode(&body, BodyFormat::Batch, LIMITS) {
+                Ok(events) => proptest::prop_assert_eq!(events.len(), count),
+                Err(BodyError::Invalid(problems)) => {
+                    proptest::prop_assert!(!problems.is_empty());
+                    proptest::prop_assert!(problems.iter().all(|p| p.index < count && !p.reason.is_empty()));
+                }
+                Err(other) => proptest::prop_assert!(false, "unexpected {:?}", other),
+            }
+        }
+    }
 }
