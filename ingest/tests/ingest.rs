@@ -357,17 +357,7 @@ async fn bad_inputs_get_clear_errors_and_produce_nothing() {
             ..Default::default()
         })
         .await;
-    let r = send(
-        h.addr,
-        "POST",
-        "/api/v1/events",
-        &[
-            ("content-type", CE),
-            ("authorization", &format!("Bearer {}", read_only.key)),
-        ],
-        body.clone(),
-    )
-    .await;
+    let r = post_as(h.addr, &read_only.key, CE, body.clone()).await;
     assert_eq!(r.status, 403, "wrong scope: {}", r.body);
     assert!(r.body.contains("scope"));
 
@@ -377,17 +367,7 @@ async fn bad_inputs_get_clear_errors_and_produce_nothing() {
             ..Default::default()
         })
         .await;
-    let r = send(
-        h.addr,
-        "POST",
-        "/api/v1/events",
-        &[
-            ("content-type", CE),
-            ("authorization", &format!("Bearer {}", elsewhere.key)),
-        ],
-        body.clone(),
-    )
-    .await;
+    let r = post_as(h.addr, &elsewhere.key, CE, body.clone()).await;
     assert_eq!(r.status, 403, "address outside the allowlist: {}", r.body);
     assert!(r.body.contains("allowlist"));
 
@@ -398,24 +378,9 @@ async fn bad_inputs_get_clear_errors_and_produce_nothing() {
             ..Default::default()
         })
         .await;
-    let auth = format!("Bearer {}", here.key);
-    let first = send(
-        h.addr,
-        "POST",
-        "/api/v1/events",
-        &[("content-type", CE), ("authorization", &auth)],
-        body.clone(),
-    )
-    .await;
+    let first = post_as(h.addr, &here.key, CE, body.clone()).await;
     assert_eq!(first.status, 204, "allowlisted address: {}", first.body);
-    let second = send(
-        h.addr,
-        "POST",
-        "/api/v1/events",
-        &[("content-type", CE), ("authorization", &auth)],
-        body.clone(),
-    )
-    .await;
+    let second = post_as(h.addr, &here.key, CE, body.clone()).await;
     assert_eq!(second.status, 429, "rate limit: {}", second.body);
     assert!(second.headers.contains_key("retry-after"));
 
@@ -423,17 +388,7 @@ async fn bad_inputs_get_clear_errors_and_produce_nothing() {
     assert!(control_api::keys::revoke_key(&h.db, h.tenant, revoked.id)
         .await
         .expect("revoke"));
-    let r = send(
-        h.addr,
-        "POST",
-        "/api/v1/events",
-        &[
-            ("content-type", CE),
-            ("authorization", &format!("Bearer {}", revoked.key)),
-        ],
-        body.clone(),
-    )
-    .await;
+    let r = post_as(h.addr, &revoked.key, CE, body.clone()).await;
     assert_eq!(r.status, 401, "revoked key");
 
     // Only the one allowlisted request above reached Kafka.
@@ -446,30 +401,15 @@ async fn bad_inputs_get_clear_errors_and_produce_nothing() {
 async fn a_revoked_key_stops_working_within_the_cache_bound() {
     let h = Harness::new().await;
     let k = h.key_with(Default::default()).await;
-    let auth = format!("Bearer {}", k.key);
     let body = Bytes::from(event("r-1", "c").to_string());
-    let r = send(
-        h.addr,
-        "POST",
-        "/api/v1/events",
-        &[("content-type", CE), ("authorization", &auth)],
-        body.clone(),
-    )
-    .await;
+    let r = post_as(h.addr, &k.key, CE, body.clone()).await;
     assert_eq!(r.status, 204);
     assert!(control_api::keys::revoke_key(&h.db, h.tenant, k.id)
         .await
         .expect("revoke"));
     // The harness sets the staleness bound to 1 s.
     tokio::time::sleep(Duration::from_millis(1_100)).await;
-    let r = send(
-        h.addr,
-        "POST",
-        "/api/v1/events",
-        &[("content-type", CE), ("authorization", &auth)],
-        body,
-    )
-    .await;
+    let r = post_as(h.addr, &k.key, CE, body).await;
     assert_eq!(r.status, 401, "{}", r.body);
 }
 

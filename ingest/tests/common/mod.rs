@@ -320,3 +320,16 @@ impl Drop for PrivateBroker {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
+
+/// `POST /api/v1/events` with `key` as the bearer token.
+pub async fn post_as(addr: SocketAddr, key: &str, content_type: &str, body: Bytes) -> Resp {
+    let auth = format!("Bearer {key}");
+    send(
+        addr,
+        "POST",
+        "/api/v1/events",
+        &[("content-type", content_type), ("authorization", &auth)],
+        body,
+    )
+    .await
+}
