@@ -17,7 +17,7 @@ mkdir -p "$RUN" "$LOGS" "$METERING_STATE/tansu" "$METERING_STATE/prometheus"
 
 # Services this script manages, in start order. The project's own services join the list as
 # their binaries land (see project_services).
-project_services() { echo ingest; }
+project_services() { echo control-api aggregator ingest; }
 SERVICES="tansu prometheus $(project_services)"
 
 # ---------------------------------------------------------------- install what is missing
@@ -141,6 +141,15 @@ start_service() {
       (INGEST_CONTROL_API_URL="http://127.0.0.1:$CONTROL_API_PORT" \
         INGEST_KAFKA__TOPIC="$USAGE_TOPIC" \
         exec setsid "$(bin_path ingest)" serve >>"$LOGS/$svc.log" 2>&1) &
+      ;;
+    control-api)
+      (CONTROL_API_LISTEN="127.0.0.1:$port" \
+        exec setsid "$(bin_path control-api)" serve >>"$LOGS/$svc.log" 2>&1) &
+      ;;
+    aggregator)
+      (AGGREGATOR_DATABASE_URL="$DATABASE_URL" AGGREGATOR_KAFKA__BROKERS="$KAFKA_BROKERS" \
+        AGGREGATOR_KAFKA__TOPIC="$USAGE_TOPIC" AGGREGATOR_METRICS_LISTEN="127.0.0.1:$port" \
+        exec setsid "$(bin_path aggregator)" serve >>"$LOGS/$svc.log" 2>&1) &
       ;;
     *)
       (exec setsid "$(bin_path "$svc")" serve >>"$LOGS/$svc.log" 2>&1) &

@@ -1,5 +1,11 @@
 //! control-api: the control plane around the hot path (tenants, users, API keys, meters, plans,
 //! subscriptions, invoices, payments, notifications) and the operator CLI.
+//!
+//! [`http`] holds the server, the error shape and authentication; [`meters`] the OpenMeter meters
+//! resource; [`query`] the meter query; [`keys`] tenants and API keys.
 
 pub mod db;
+pub mod http;
 pub mod keys;
+pub mod meters;
+pub mod query;

@@ -19,6 +19,11 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Serve the HTTP API (meters, meter queries) until SIGTERM or Ctrl-C.
+    Serve {
+        #[arg(long, env = "CONTROL_API_LISTEN", default_value = "127.0.0.1:8081")]
+        listen: std::net::SocketAddr,
+    },
     /// Apply pending SQL migrations (safe to run twice); prints the applied ones as JSON.
     Migrate,
     /// Tenants (organizations).
@@ -68,7 +73,7 @@ enum KeysCommand {
     },
 }
 
-#[tokio::main(flavor = "current_thread")]
+#[tokio::main]
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -78,6 +83,20 @@ async fn main() -> anyhow::Result<()> {
         .init();
     let cli = Cli::parse();
     match cli.command {
+        Command::Serve { listen } => {
+            let shutdown = tokio_util::sync::CancellationToken::new();
+            let running =
+                control_api::http::start(listen, &cli.database_url, shutdown.clone()).await?;
+            eprintln!("control-api listening on {}", running.addr);
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            shutdown.cancel();
+            let _ = running.done.await;
+        }
         Command::Migrate => {
             let mut client = control_api::db::connect(&cli.database_url).await?;
             let applied = schemas::migrate::run(&mut client)

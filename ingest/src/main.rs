@@ -54,7 +54,7 @@ async fn main() -> anyhow::Result<()> {
     match cli.command.unwrap_or(Command::Serve) {
         Command::Config => {
             let mut shown = cfg.clone();
-            shown.database_url = redact(&shown.database_url);
+            shown.database_url = schemas::redact_url(&shown.database_url);
             println!("{}", toml_like(&shown)?);
             Ok(())
         }
@@ -79,16 +79,6 @@ async fn main() -> anyhow::Result<()> {
 
 fn toml_like(cfg: &ingest::Config) -> anyhow::Result<String> {
     Ok(serde_json::to_string_pretty(cfg)?)
-}
-
-fn redact(url: &str) -> String {
-    match (url.find("://"), url.find('@')) {
-        (Some(s), Some(at)) if url[s + 3..at].contains(':') => {
-            let colon = s + 3 + url[s + 3..at].find(':').unwrap_or(0);
-            format!("{}:***{}", &url[..colon], &url[at..])
-        }
-        _ => url.to_string(),
-    }
 }
 
 async fn wait_signal() {

@@ -7,6 +7,7 @@
 //! - [`kafka`]: names shared by the producer (ingest) and the consumer (aggregator).
 
 pub mod apikey;
+pub mod meter;
 pub mod migrate;
 #[cfg(feature = "testing")]
 pub mod testing;
@@ -68,5 +69,25 @@ pub mod kafka {
         key.push(0);
         key.extend_from_slice(subject.as_bytes());
         key
+    }
+}
+
+/// `url` with any password replaced by `***`, for messages and logs.
+pub fn redact_url(url: &str) -> String {
+    let Some(scheme_end) = url.find("://").map(|i| i + 3) else {
+        return url.to_string();
+    };
+    let rest = &url[scheme_end..];
+    let Some(at) = rest.find('@') else {
+        return url.to_string();
+    };
+    match rest[..at].find(':') {
+        Some(colon) => format!(
+            "{}{}:***{}",
+            &url[..scheme_end],
+            &rest[..colon],
+            &rest[at..]
+        ),
+        None => url.to_string(),
     }
 }

@@ -1,0 +1,142 @@
+//! The meters the aggregator applies, read from PostgreSQL and refreshed while it runs.
+//!
+//! A meter applies to the events that ingest *received* at or after the meter's `created_at`
+//! and before its `deleted_at`. Reception time travels in every Kafka record, so the rule gives
+//! the same answer however late (or how many times) a record is processed; the aggregator only
+//! has to make sure its copy of the meters is at least as new as the records it aggregates
+//! (see [`MeterCache::ensure_fresh`]).
+
+use schemas::meter::{Aggregation, JsonPath};
+use std::collections::HashMap;
+use std::sync::Arc;
+use tokio_postgres::Client;
+use uuid::Uuid;
+
+#[derive(Debug)]
+pub struct Meter {
+    pub id: Uuid,
+    pub tenant_id: Uuid,
+    pub slug: String,
+    pub event_type: String,
+    pub aggregation: Aggregation,
+    pub value_property: Option<JsonPath>,
+    /// Dimension name → path, sorted by name.
+    pub group_by: Vec<(String, JsonPath)>,
+    pub created_unix_nanos: i64,
+    pub deleted_unix_nanos: Option<i64>,
+}
+
+impl Meter {
+    /// Whether the meter counts an event ingest received at `received` (Unix nanoseconds).
+    pub fn applies_at(&self, received: i64) -> bool {
+        received >= self.created_unix_nanos && self.deleted_unix_nanos.is_none_or(|d| received < d)
+    }
+}
+
+/// All meters (deleted ones included: they still apply to events received before deletion),
+/// indexed by (tenant, event type), as of `as_of` (PostgreSQL's clock, Unix nanoseconds).
+#[derive(Debug, Default)]
+pub struct MeterSet {
+    by_type: HashMap<(Uuid, String), Vec<Arc<Meter>>>,
+    pub as_of: i64,
+    pub count: usize,
+}
+
+impl MeterSet {
+    pub fn for_event(&self, tenant: Uuid, event_type: &str) -> &[Arc<Meter>] {
+        // Borrowed lookup without allocating: the map is small per tenant; build the key once.
+        self.by_type
+            .get(&(tenant, event_type.to_string()))
+            .map(Vec::as_slice)
+            .unwrap_or(&[])
+    }
+}
+
+/// Keeps a [`MeterSet`] no older than needed.
+#[derive(Debug, Default)]
+pub struct MeterCache {
+    pub set: Arc<MeterSet>,
+}
+
+impl MeterCache {
+    /// Reloads when the set predates `received_max` (the newest reception time about to be
+    /// aggregated) or is older than `max_age_nanos`.
+    pub async fn ensure_fresh(
+        &mut self,
+        db: &Client,
+        received_max: i64,
+        now: i64,
+        max_age_nanos: i64,
+    ) -> Result<(), tokio_postgres::Error> {
+        if self.set.as_of <= received_max || now - self.set.as_of > max_age_nanos {
+            self.set = Arc::new(load(db).await?);
+        }
+        Ok(())
+    }
+}
+
+/// Reads every meter. A definition that no longer parses (changed by hand in SQL) is skipped
+/// with an error log rather than stopping every tenant's aggregation.
+pub async fn load(db: &Client) -> Result<MeterSet, tokio_postgres::Error> {
+    let as_of: i64 = db
+        .query_one(
+            "SELECT (extract(epoch FROM clock_timestamp()) * 1e9)::bigint",
+            &[],
+        )
+        .await?
+        .get(0);
+    let rows = db
+        .query(
+            "SELECT id, tenant_id, slug, event_type, aggregation, value_property, group_by,
+                    (extract(epoch FROM created_at) * 1e9)::bigint,
+                    (extract(epoch FROM deleted_at) * 1e9)::bigint
+               FROM meters",
+            &[],
+        )
+        .await?;
+    let mut set = MeterSet {
+        as_of,
+        ..Default::default()
+    };
+    for r in rows {
+        let slug: String = r.get(2);
+        let parsed = (|| -> Result<Meter, String> {
+            let aggregation: Aggregation = r.get::<_, String>(4).parse()?;
+            let value_property = r
+                .get::<_, Option<String>>(5)
+                .map(|p| JsonPath::parse(&p))
+                .transpose()?;
+            let gb: serde_json::Value = r.get(6);
+            let mut group_by = Vec::new();
+            if let serde_json::Value::Object(m) = gb {
+                for (k, v) in m {
+                    let p = v.as_str().ok_or("groupBy path is not a string")?;
+                    group_by.push((k, JsonPath::parse(p)?));
+                }
+            }
+            group_by.sort_by(|a, b| a.0.cmp(&b.0));
+            Ok(Meter {
+                id: r.get(0),
+                tenant_id: r.get(1),
+                slug: slug.clone(),
+                event_type: r.get(3),
+                aggregation,
+                value_property,
+                group_by,
+                created_unix_nanos: r.get(7),
+                deleted_unix_nanos: r.get(8),
+            })
+        })();
+        match parsed {
+            Ok(m) => {
+                set.count += 1;
+                set.by_type
+                    .entry((m.tenant_id, m.event_type.clone()))
+                    .or_default()
+                    .push(Arc::new(m));
+            }
+            Err(e) => tracing::error!(meter = %slug, error = %e, "meter definition skipped"),
+        }
+    }
+    Ok(set)
+}

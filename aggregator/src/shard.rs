@@ -1,0 +1,512 @@
+//! The shard: one Kafka consumer for the partitions this process holds leases for, the
+//! unflushed events, and the loop that consumes, flushes and rebalances.
+
+use crate::config::Config;
+use crate::flush::{self, FlushError, FlushInput, PartitionCommit};
+use crate::lease::{Leases, Taken};
+use crate::meters::MeterCache;
+use crate::metrics as m;
+use crate::process::{BadRecord, Pending};
+use prost::Message as _;
+use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::message::{BorrowedMessage, Headers};
+use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
+use schemas::proto::usage::v1::EventBatch;
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio_postgres::Client;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Debug, Clone)]
+struct Owned {
+    generation: i64,
+    committed_offset: Option<i64>,
+    next_offset: Option<i64>,
+    watermark: i64,
+    last_record: Instant,
+}
+
+pub struct Shard {
+    cfg: Config,
+    leases: Leases,
+    consumer: Arc<StreamConsumer>,
+    db: Option<Client>,
+    meters: MeterCache,
+    owned: BTreeMap<i32, Owned>,
+    pending: Vec<Pending>,
+    bad: Vec<BadRecord>,
+    oldest_pending: Option<Instant>,
+    partitions: i32,
+    ticks: u64,
+}
+
+impl std::fmt::Debug for Shard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shard")
+            .field("member", &self.leases.member)
+            .field("owned", &self.owned.keys().collect::<Vec<_>>())
+            .field("pending", &self.pending.len())
+            .finish()
+    }
+}
+
+fn now_nanos() -> i64 {
+    chrono::Utc::now().timestamp_nanos_opt().unwrap_or(0)
+}
+
+/// Connects to PostgreSQL; the connection task ends (and the client reports closed) on error.
+pub async fn connect(url: &str) -> Result<Client, tokio_postgres::Error> {
+    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls).await?;
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::warn!(error = %e, "PostgreSQL connection ended");
+        }
+    });
+    Ok(client)
+}
+
+impl Shard {
+    pub fn new(cfg: Config) -> anyhow::Result<Self> {
+        let mut cc = ClientConfig::new();
+        cc.set("bootstrap.servers", &cfg.kafka.brokers)
+            .set("broker.address.family", "v4")
+            .set("group.id", &cfg.consumer_group)
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("auto.offset.reset", "earliest")
+            .set("fetch.wait.max.ms", "50")
+            .set("enable.partition.eof", "false");
+        for (k, v) in &cfg.kafka.extra {
+            cc.set(k, v);
+        }
+        let consumer: StreamConsumer = cc.create()?;
+        let leases = Leases {
+            group: cfg.consumer_group.clone(),
+            topic: cfg.kafka.topic.clone(),
+            member: cfg.member.clone(),
+            ttl: cfg.lease_ttl(),
+        };
+        Ok(Shard {
+            cfg,
+            leases,
+            consumer: Arc::new(consumer),
+            db: None,
+            meters: MeterCache::default(),
+            owned: BTreeMap::new(),
+            pending: Vec::new(),
+            bad: Vec::new(),
+            oldest_pending: None,
+            partitions: 0,
+            ticks: 0,
+        })
+    }
+
+    async fn db(&mut self) -> Result<&mut Client, tokio_postgres::Error> {
+        if self.db.as_ref().is_none_or(|c| c.is_closed()) {
+            self.db = Some(connect(&self.cfg.database_url).await?);
+        }
+        Ok(self.db.as_mut().expect("just connected"))
+    }
+
+    /// Consumes until `shutdown`, then flushes, releases its leases and leaves the group.
+    pub async fn run(mut self, shutdown: CancellationToken) {
+        let mut tick = tokio::time::interval(Duration::from_millis(self.cfg.lease.tick_ms));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let interval = Duration::from_millis(self.cfg.flush.interval_ms);
+        let consumer = self.consumer.clone();
+        loop {
+            let deadline = self
+                .oldest_pending
+                .map(|t| t + interval)
+                .unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => break,
+                _ = tick.tick() => {
+                    if let Err(e) = self.tick().await {
+                        tracing::warn!(error = %e, "lease tick failed");
+                    }
+                }
+                _ = tokio::time::sleep_until(deadline.into()), if self.oldest_pending.is_some() => {
+                    self.flush_until_done(&shutdown).await;
+                }
+                msg = consumer.recv(), if !self.owned.is_empty() => match msg {
+                    Ok(msg) => {
+                        self.take(&msg);
+                        if self.pending.len() + self.bad.len() >= self.cfg.flush.max_events {
+                            self.flush_until_done(&shutdown).await;
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "consume failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                },
+            }
+        }
+        self.stop().await;
+    }
+
+    async fn stop(&mut self) {
+        let clean = self.flush_once().await.is_ok();
+        let leases = self.leases.clone();
+        let owned: Vec<(i32, i64)> = self.owned.iter().map(|(p, o)| (*p, o.generation)).collect();
+        if let Ok(db) = self.db().await {
+            let db: &Client = db;
+            if clean {
+                for (p, g) in owned {
+                    let _ = leases.release(db, p, g).await;
+                }
+            }
+            let _ = leases.leave(db).await;
+        }
+        tracing::info!(member = %self.leases.member, clean, "aggregator shard stopped");
+    }
+
+    /// Takes one record into the pending state (decoding it; unreadable records become dead
+    /// letters, never a stop).
+    fn take(&mut self, msg: &BorrowedMessage<'_>) {
+        let p = msg.partition();
+        let off = msg.offset();
+        let Some(st) = self.owned.get_mut(&p) else {
+            return;
+        };
+        if st.next_offset.is_some_and(|n| off < n) {
+            return; // delivered again after a re-assignment: already taken
+        }
+        st.next_offset = Some(off + 1);
+        st.last_record = Instant::now();
+        if self.oldest_pending.is_none() {
+            self.oldest_pending = Some(Instant::now());
+        }
+        let bad = |reason, detail: String| BadRecord {
+            partition: p,
+            offset: off,
+            reason,
+            detail,
+        };
+        let ct = msg.headers().and_then(|h| {
+            h.iter()
+                .find(|h| h.key == schemas::kafka::CONTENT_TYPE_HEADER)
+                .and_then(|h| h.value.map(|v| String::from_utf8_lossy(v).into_owned()))
+        });
+        if ct.as_deref() != Some(schemas::kafka::EVENT_BATCH_V1) {
+            self.bad.push(bad(
+                "unknown_record_schema",
+                format!("content-type header {ct:?}"),
+            ));
+            return;
+        }
+        let batch = match EventBatch::decode(msg.payload().unwrap_or_default()) {
+            Ok(b) => b,
+            Err(e) => {
+                self.bad.push(bad("undecodable_record", e.to_string()));
+                return;
+            }
+        };
+        let Ok(tenant) = uuid::Uuid::parse_str(&batch.tenant_id) else {
+            self.bad.push(bad(
+                "bad_tenant",
+                format!("tenant_id {:?}", batch.tenant_id),
+            ));
+            return;
+        };
+        let received = batch.received_unix_nanos;
+        self.pending
+            .extend(batch.events.into_iter().map(|event| Pending {
+                partition: p,
+                offset: off,
+                tenant,
+                received,
+                event,
+            }));
+        metrics::gauge!(m::PENDING_EVENTS).set(self.pending.len() as f64);
+    }
+
+    /// Flushes, retrying database errors with back-off until it succeeds, is fenced (state
+    /// dropped and re-read) or shutdown is asked for.
+    async fn flush_until_done(&mut self, shutdown: &CancellationToken) {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            match self.flush_once().await {
+                Ok(()) => return,
+                Err(FlushError::Fenced(why)) => {
+                    tracing::warn!(%why, "fenced: dropping unflushed state and re-reading leases");
+                    metrics::counter!(m::FENCED_TOTAL).increment(1);
+                    self.drop_all();
+                    return;
+                }
+                Err(FlushError::Db(e)) => {
+                    metrics::counter!(m::FLUSH_FAILURES_TOTAL).increment(1);
+                    tracing::warn!(error = %e, retry_ms = backoff.as_millis() as u64, "flush failed; retrying");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
+
+    async fn flush_once(&mut self) -> Result<(), FlushError> {
+        if self.pending.is_empty() && self.bad.is_empty() {
+            self.oldest_pending = None;
+            return Ok(());
+        }
+        let started = Instant::now();
+        let received_max = self.pending.iter().map(|p| p.received).max().unwrap_or(0);
+        let refresh = i64::try_from(self.cfg.meters_refresh_ms).unwrap_or(1000) * 1_000_000;
+        let mut meters = std::mem::take(&mut self.meters);
+        let r = async {
+            let db = self.db().await?;
+            meters
+                .ensure_fresh(db, received_max, now_nanos(), refresh)
+                .await?;
+            Ok::<_, tokio_postgres::Error>(())
+        }
+        .await;
+        self.meters = meters;
+        r?;
+        let partitions: Vec<PartitionCommit> = self
+            .owned
+            .iter()
+            .map(|(p, o)| PartitionCommit {
+                partition: *p,
+                generation: o.generation,
+                committed_offset: o.committed_offset,
+                next_offset: o.next_offset,
+                watermark: o.watermark,
+            })
+            .collect();
+        let pending = std::mem::take(&mut self.pending);
+        let bad = std::mem::take(&mut self.bad);
+        let set = self.meters.set.clone();
+        let (cfg_group, cfg_topic, member) = (
+            self.cfg.consumer_group.clone(),
+            self.cfg.kafka.topic.clone(),
+            self.cfg.member.clone(),
+        );
+        let lateness = self.cfg.lateness.clone();
+        let window = self.cfg.dedup.window_secs;
+        let result = match self.db().await {
+            Ok(db) => {
+                flush::flush(
+                    db,
+                    FlushInput {
+                        group: &cfg_group,
+                        topic: &cfg_topic,
+                        member: &member,
+                        partitions: &partitions,
+                        events: &pending,
+                        bad: &bad,
+                        meters: &set,
+                        lateness: &lateness,
+                        dedup_window_secs: window,
+                    },
+                )
+                .await
+            }
+            Err(e) => Err(e.into()),
+        };
+        match result {
+            Ok(report) => {
+                for (p, o) in self.owned.iter_mut() {
+                    o.committed_offset = o.next_offset;
+                    if let Some(w) = report.watermarks.get(p) {
+                        o.watermark = *w;
+                    }
+                }
+                self.oldest_pending = None;
+                m::flushed(&report, started.elapsed().as_secs_f64(), now_nanos());
+                metrics::gauge!(m::PENDING_EVENTS).set(0.0);
+                self.commit_to_kafka();
+                tracing::debug!(events = report.events, rows = report.window_rows, "flushed");
+                Ok(())
+            }
+            Err(e) => {
+                self.pending = pending;
+                self.bad = bad;
+                Err(e)
+            }
+        }
+    }
+
+    /// Kafka's committed offsets mirror PostgreSQL's for monitoring tools only.
+    fn commit_to_kafka(&self) {
+        let mut tpl = TopicPartitionList::new();
+        for (p, o) in &self.owned {
+            if let Some(n) = o.next_offset {
+                let _ = tpl.add_partition_offset(&self.cfg.kafka.topic, *p, Offset::Offset(n));
+            }
+        }
+        if tpl.count() > 0 {
+            let _ = self.consumer.commit(&tpl, CommitMode::Async);
+        }
+    }
+
+    /// Forgets everything unflushed and every lease; the next tick takes leases again and
+    /// resumes from the stored offsets.
+    fn drop_all(&mut self) {
+        self.pending.clear();
+        self.bad.clear();
+        self.oldest_pending = None;
+        self.owned.clear();
+        let _ = self.consumer.unassign();
+        metrics::gauge!(m::OWNED_PARTITIONS).set(0.0);
+    }
+
+    async fn refresh_partitions(&mut self) {
+        let c = self.consumer.clone();
+        let topic = self.cfg.kafka.topic.clone();
+        let md = tokio::task::spawn_blocking(move || {
+            c.fetch_metadata(Some(&topic), Duration::from_secs(5))
+                .map(|md| {
+                    md.topics()
+                        .iter()
+                        .find(|t| t.name() == topic && t.error().is_none())
+                        .map(|t| t.partitions().len() as i32)
+                        .unwrap_or(0)
+                })
+        })
+        .await;
+        match md {
+            Ok(Ok(n)) if n > 0 => self.partitions = n,
+            Ok(Ok(_)) => tracing::warn!(topic = %self.cfg.kafka.topic, "topic not found yet"),
+            Ok(Err(e)) => tracing::warn!(error = %e, "metadata request failed"),
+            Err(e) => tracing::warn!(error = %e, "metadata task failed"),
+        }
+    }
+
+    /// Heartbeat, renew, rebalance; re-assigns the consumer when ownership changed.
+    async fn tick(&mut self) -> anyhow::Result<()> {
+        self.ticks += 1;
+        if self.partitions == 0 || self.ticks % 30 == 0 {
+            self.refresh_partitions().await;
+        }
+        if self.partitions == 0 {
+            return Ok(());
+        }
+        let leases = self.leases.clone();
+        let members = leases.heartbeat(self.db().await?).await?;
+        let desired: HashSet<i32> = leases
+            .desired(&members, self.partitions)
+            .into_iter()
+            .collect();
+        let mut changed = false;
+
+        // Lost leases (taken over while this process stalled): drop their unflushed events.
+        let held: BTreeMap<i32, i64> = self.owned.iter().map(|(p, o)| (*p, o.generation)).collect();
+        let lost = leases.renew(self.db().await?, &held).await?;
+        if !lost.is_empty() {
+            tracing::warn!(?lost, "leases lost; their unflushed events are dropped");
+            metrics::counter!(m::FENCED_TOTAL).increment(lost.len() as u64);
+            self.pending.retain(|e| !lost.contains(&e.partition));
+            self.bad.retain(|e| !lost.contains(&e.partition));
+            for p in &lost {
+                self.owned.remove(p);
+            }
+            changed = true;
+        }
+
+        // Partitions meant for another member: flush, then hand over.
+        let surplus: Vec<i32> = self
+            .owned
+            .keys()
+            .filter(|p| !desired.contains(p))
+            .copied()
+            .collect();
+        if !surplus.is_empty() && self.flush_once().await.is_ok() {
+            for p in surplus {
+                if let Some(o) = self.owned.remove(&p) {
+                    leases.release(self.db().await?, p, o.generation).await?;
+                    tracing::info!(partition = p, "partition released");
+                }
+            }
+            changed = true;
+        }
+
+        // Partitions meant for this member: take the free ones.
+        let mut wanted: Vec<i32> = desired
+            .iter()
+            .filter(|p| !self.owned.contains_key(p))
+            .copied()
+            .collect();
+        wanted.sort_unstable();
+        for p in wanted {
+            if let Some(Taken {
+                generation,
+                next_offset,
+                watermark,
+            }) = leases.acquire(self.db().await?, p).await?
+            {
+                tracing::info!(partition = p, generation, ?next_offset, "partition taken");
+                self.owned.insert(
+                    p,
+                    Owned {
+                        generation,
+                        committed_offset: next_offset,
+                        next_offset,
+                        watermark,
+                        last_record: Instant::now(),
+                    },
+                );
+                changed = true;
+            }
+        }
+
+        // Idle partitions: let the watermark follow the wall clock so windows close.
+        let idle = Duration::from_millis(self.cfg.lateness.idle_partition_ms);
+        let idle_nanos =
+            i64::try_from(self.cfg.lateness.idle_partition_ms).unwrap_or(0) * 1_000_000;
+        for o in self.owned.values_mut() {
+            if o.last_record.elapsed() >= idle {
+                o.watermark = o.watermark.max(now_nanos() - idle_nanos);
+            }
+        }
+
+        if changed {
+            self.assign()?;
+        }
+        metrics::gauge!(m::OWNED_PARTITIONS).set(self.owned.len() as f64);
+        if self.ticks % 5 == 0 {
+            self.report_lag().await;
+        }
+        Ok(())
+    }
+
+    fn assign(&mut self) -> anyhow::Result<()> {
+        let mut tpl = TopicPartitionList::new();
+        for (p, o) in &self.owned {
+            let off = o
+                .next_offset
+                .map(Offset::Offset)
+                .unwrap_or(Offset::Beginning);
+            tpl.add_partition_offset(&self.cfg.kafka.topic, *p, off)?;
+        }
+        self.consumer.assign(&tpl)?;
+        Ok(())
+    }
+
+    /// Consumer lag per owned partition, from the broker's high watermark (approximate on tansu,
+    /// whose reported high watermarks the design says not to trust for anything but display).
+    async fn report_lag(&self) {
+        let c = self.consumer.clone();
+        let topic = self.cfg.kafka.topic.clone();
+        let owned: Vec<(i32, Option<i64>)> = self
+            .owned
+            .iter()
+            .map(|(p, o)| (*p, o.next_offset))
+            .collect();
+        let _ = tokio::task::spawn_blocking(move || {
+            for (p, next) in owned {
+                if let Ok((_, high)) = c.fetch_watermarks(&topic, p, Duration::from_secs(1)) {
+                    let lag = (high - next.unwrap_or(0)).max(0);
+                    metrics::gauge!(m::CONSUMER_LAG, "partition" => p.to_string()).set(lag as f64);
+                }
+            }
+        })
+        .await;
+    }
+}
