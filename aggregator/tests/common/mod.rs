@@ -3,6 +3,8 @@
 //! or as child processes (to SIGKILL them).
 #![allow(dead_code)]
 
+pub mod gen;
+
 #[path = "../../../ingest/tests/common/mod.rs"]
 pub mod edge;
 
