@@ -45,10 +45,17 @@ async fn main() -> anyhow::Result<()> {
     {
         cfg.listen.set_port(port);
     }
-    if let Ok(url) = std::env::var("DATABASE_URL") {
+    // The stack's shared variables apply unless the INGEST_ ones say otherwise.
+    if let (Ok(url), Err(_)) = (
+        std::env::var("DATABASE_URL"),
+        std::env::var("INGEST_DATABASE_URL"),
+    ) {
         cfg.database_url = url;
     }
-    if let Ok(b) = std::env::var("KAFKA_BROKERS") {
+    if let (Ok(b), Err(_)) = (
+        std::env::var("KAFKA_BROKERS"),
+        std::env::var("INGEST_KAFKA__BROKERS"),
+    ) {
         cfg.kafka.brokers = b;
     }
     match cli.command.unwrap_or(Command::Serve) {

@@ -1,0 +1,274 @@
+#![allow(clippy::float_arithmetic)] // a measurement tool: rates, no money
+//! Aggregator benchmark helper (127.0.0.1 only). Subcommands, each printing one `RESULT` line:
+//!
+//! - `fill BROKERS TOPIC TENANT EVENTS`: the bare broker's produce rate. Produces EVENTS unique
+//!   events packed like ingest packs them (`usage.v1.EventBatch`, 500 events per record,
+//!   acks=all, idempotent) straight to the topic.
+//! - `drain BROKERS TOPIC EVENTS`: the bare broker's consume rate: reads the topic from the start
+//!   and decodes records until EVENTS events were seen.
+//! - `post URL KEY EVENTS BATCH CONCURRENCY`: posts EVENTS unique events through ingest in
+//!   batches, CONCURRENCY requests at a time.
+//! - `wait DATABASE_URL TENANT EVENTS`: polls PostgreSQL until EVENTS events of TENANT are
+//!   accounted for by the aggregator; prints the seconds since it started.
+
+use prost::Message as _;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
+use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
+use schemas::proto::usage::v1::{EventBatch, UsageEvent};
+use std::time::{Duration, Instant};
+
+fn now_nanos() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as i64)
+        .unwrap_or(0)
+}
+
+fn data(i: u64) -> String {
+    format!(
+        r#"{{"tokens":{},"model":"m{}","user":"u{}"}}"#,
+        i % 1000,
+        i % 4,
+        i % 5000
+    )
+}
+
+fn local(brokers: &str) {
+    assert!(brokers.starts_with("127."), "local targets only");
+}
+
+fn fill(brokers: &str, topic: &str, tenant: &str, events: u64) {
+    local(brokers);
+    let producer: ThreadedProducer<_> = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("broker.address.family", "v4")
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("linger.ms", "5")
+        .set("queue.buffering.max.messages", "100000")
+        .create()
+        .expect("producer");
+    let md = producer
+        .client()
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .expect("metadata");
+    let parts = md.topics()[0].partitions().len() as u64;
+    assert!(parts > 0, "topic {topic} has no partitions");
+    let started = Instant::now();
+    let per = 500u64;
+    let mut i = 0u64;
+    let mut record = 0u64;
+    while i < events {
+        let n = per.min(events - i);
+        let received = now_nanos();
+        let batch = EventBatch {
+            tenant_id: tenant.to_string(),
+            request_id: format!("bench-{record}"),
+            received_unix_nanos: received,
+            events: (i..i + n)
+                .map(|k| UsageEvent {
+                    id: format!("ev-{k}"),
+                    source: "bench".into(),
+                    r#type: "prompt".into(),
+                    subject: format!("cust-{}", k % 100),
+                    time_unix_nanos: received - (k % 1000) as i64 * 1_000_000,
+                    data_json: data(k).into_bytes().into(),
+                })
+                .collect(),
+        };
+        let payload = batch.encode_to_vec();
+        let headers = OwnedHeaders::new().insert(Header {
+            key: schemas::kafka::CONTENT_TYPE_HEADER,
+            value: Some(schemas::kafka::EVENT_BATCH_V1),
+        });
+        let partition = (record % parts) as i32;
+        let mut rec = BaseRecord::<(), _>::to(topic)
+            .partition(partition)
+            .payload(&payload)
+            .headers(headers);
+        loop {
+            match producer.send(rec) {
+                Ok(()) => break,
+                Err((_, r)) => {
+                    rec = r;
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            }
+        }
+        i += n;
+        record += 1;
+    }
+    producer.flush(Duration::from_secs(120)).expect("flush");
+    let s = started.elapsed().as_secs_f64();
+    println!(
+        "RESULT produce_eps={:.0} seconds={s:.2} records={record}",
+        events as f64 / s
+    );
+}
+
+fn drain(brokers: &str, topic: &str, events: u64) {
+    local(brokers);
+    let c: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("broker.address.family", "v4")
+        .set("group.id", "agg-bench-drain")
+        .set("enable.auto.commit", "false")
+        .create()
+        .expect("consumer");
+    let md = c
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .expect("metadata");
+    let mut tpl = TopicPartitionList::new();
+    for p in md.topics()[0].partitions() {
+        tpl.add_partition_offset(topic, p.id(), Offset::Beginning)
+            .expect("tpl");
+    }
+    c.assign(&tpl).expect("assign");
+    let started = Instant::now();
+    let mut seen = 0u64;
+    while seen < events {
+        assert!(
+            started.elapsed() < Duration::from_secs(600),
+            "drain stuck at {seen}"
+        );
+        if let Some(Ok(m)) = c.poll(Duration::from_millis(100)) {
+            let b = EventBatch::decode(m.payload().unwrap_or_default()).expect("batch");
+            seen += b.events.len() as u64;
+        }
+    }
+    let s = started.elapsed().as_secs_f64();
+    println!("RESULT consume_eps={:.0} seconds={s:.2}", events as f64 / s);
+}
+
+async fn post(url: &str, key: &str, events: u64, batch: u64, concurrency: u64) {
+    let uri: hyper::Uri = url.parse().expect("URL");
+    let host = uri.authority().expect("host").to_string();
+    assert!(host.starts_with("127."), "local targets only");
+    let started = Instant::now();
+    let next = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    let run = now_nanos();
+    for _ in 0..concurrency {
+        let (next, host, key) = (next.clone(), host.clone(), key.to_string());
+        tasks.push(tokio::spawn(async move {
+            let stream = tokio::net::TcpStream::connect(&host).await.expect("connect");
+            let (mut tx, conn) =
+                hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                    .await
+                    .expect("handshake");
+            tokio::spawn(conn);
+            let mut retries = 0u64;
+            loop {
+                let start = next.fetch_add(batch, std::sync::atomic::Ordering::Relaxed);
+                if start >= events {
+                    return retries;
+                }
+                let n = batch.min(events - start);
+                let time = chrono_like(now_nanos());
+                let mut body = String::with_capacity((n as usize) * 200);
+                body.push('[');
+                for k in start..start + n {
+                    if k > start {
+                        body.push(',');
+                    }
+                    body.push_str(&format!(
+                        r#"{{"specversion":"1.0","id":"p{run}-{k}","source":"bench","type":"prompt","subject":"cust-{}","time":"{time}","data":{}}}"#,
+                        k % 100,
+                        data(k)
+                    ));
+                }
+                body.push(']');
+                let body = bytes::Bytes::from(body);
+                loop {
+                    let req = hyper::Request::post("/api/v1/events")
+                        .header("host", &host)
+                        .header("content-type", "application/cloudevents-batch+json")
+                        .header("authorization", format!("Bearer {key}"))
+                        .body(http_body_util::Full::new(body.clone()))
+                        .expect("request");
+                    let resp = tx.send_request(req).await.expect("response");
+                    let status = resp.status().as_u16();
+                    let _ = http_body_util::BodyExt::collect(resp.into_body()).await;
+                    if status == 204 {
+                        break;
+                    }
+                    assert!(status == 503 || status == 429, "ingest answered {status}");
+                    retries += 1;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }));
+    }
+    let mut retries = 0;
+    for t in tasks {
+        retries += t.await.expect("task");
+    }
+    let s = started.elapsed().as_secs_f64();
+    println!(
+        "RESULT post_eps={:.0} seconds={s:.2} retries={retries}",
+        events as f64 / s
+    );
+}
+
+/// RFC 3339 UTC with milliseconds.
+fn chrono_like(nanos: i64) -> String {
+    chrono::DateTime::from_timestamp_nanos(nanos)
+        .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
+
+async fn wait(db_url: &str, tenant: &str, events: i64) {
+    let (db, conn) = tokio_postgres::connect(db_url, tokio_postgres::NoTls)
+        .await
+        .expect("connect");
+    tokio::spawn(conn);
+    let tenant: uuid::Uuid = tenant.parse().expect("tenant uuid");
+    let started = Instant::now();
+    loop {
+        let n: i64 = db
+            .query_one(
+                "SELECT coalesce(sum(events), 0)::int8 FROM event_outcomes WHERE tenant_id = $1",
+                &[&tenant],
+            )
+            .await
+            .expect("query")
+            .get(0);
+        if n >= events {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(900),
+            "stuck at {n} of {events}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    println!("RESULT seconds={:.3}", started.elapsed().as_secs_f64());
+}
+
+#[tokio::main]
+async fn main() {
+    let a: Vec<String> = std::env::args().collect();
+    let arg = |i: usize| a.get(i).cloned().unwrap_or_default();
+    let num = |i: usize| arg(i).parse::<u64>().expect("number argument");
+    match arg(1).as_str() {
+        "fill" => {
+            let (b, t, ten, n) = (arg(2), arg(3), arg(4), num(5));
+            tokio::task::spawn_blocking(move || fill(&b, &t, &ten, n))
+                .await
+                .expect("fill")
+        }
+        "drain" => {
+            let (b, t, n) = (arg(2), arg(3), num(4));
+            tokio::task::spawn_blocking(move || drain(&b, &t, n))
+                .await
+                .expect("drain")
+        }
+        "post" => post(&arg(2), &arg(3), num(4), num(5), num(6)).await,
+        "wait" => wait(&arg(2), &arg(3), num(4) as i64).await,
+        _ => {
+            eprintln!("usage: agg-bench fill|drain|post|wait ... (see the source's doc comment)");
+            std::process::exit(2);
+        }
+    }
+}
