@@ -382,7 +382,7 @@ impl Shard {
     /// Heartbeat, renew, rebalance; re-assigns the consumer when ownership changed.
     async fn tick(&mut self) -> anyhow::Result<()> {
         self.ticks += 1;
-        if self.partitions == 0 || self.ticks % 30 == 0 {
+        if self.partitions == 0 || self.ticks.is_multiple_of(30) {
             self.refresh_partitions().await;
         }
         if self.partitions == 0 {
@@ -470,7 +470,7 @@ impl Shard {
             self.assign()?;
         }
         metrics::gauge!(m::OWNED_PARTITIONS).set(self.owned.len() as f64);
-        if self.ticks % 5 == 0 {
+        if self.ticks.is_multiple_of(5) {
             self.report_lag().await;
         }
         Ok(())

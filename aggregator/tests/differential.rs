@@ -104,7 +104,8 @@ async fn compare_all(p: &Pipeline, key: &str, s: &gen::Stream, now: DateTime<Utc
         ),
     ];
     // (groupBy=subject, groupBy names, subject filter, region filter)
-    let shapes: Vec<(bool, Vec<&str>, Vec<&str>, Option<&str>)> = vec![
+    type Shape<'a> = (bool, Vec<&'a str>, Vec<&'a str>, Option<&'a str>);
+    let shapes: Vec<Shape> = vec![
         (false, vec![], vec![], None),
         (true, vec!["model"], vec![], None),
         (

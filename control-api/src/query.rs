@@ -463,7 +463,7 @@ mod tests {
     #[test]
     fn parameters_are_checked_by_name() {
         assert!(parse_params("from=2026-01-01T00:00:30Z").is_err());
-        let e = parse_params("windowSize=WEEK").err().expect("refused");
+        let e = parse_params("windowSize=WEEK").expect_err("refused");
         assert_eq!(e.field.as_deref(), Some("windowSize"));
         let p = parse_params("subject=a&subject=b&groupBy=model&filterGroupBy%5Bregion%5D=eu")
             .expect("parsed");

@@ -150,6 +150,11 @@ pub fn stream(seed: u64, n: usize, now: DateTime<Utc>, id_prefix: &str) -> Strea
     s
 }
 
+/// (windowStart, subject, groupBy values) of one answer row.
+pub type RowKey = (String, Option<String>, Vec<(String, Option<String>)>);
+/// A query answer: row key → value as normalised decimal text.
+pub type Answer = BTreeMap<RowKey, String>;
+
 #[derive(Debug, Clone, Copy)]
 pub enum Window {
     None,
@@ -197,7 +202,7 @@ pub fn expected(
     group_by: &[&str],
     subjects: &[&str],
     filter_region: Option<&str>,
-) -> BTreeMap<(String, Option<String>, Vec<(String, Option<String>)>), String> {
+) -> Answer {
     #[derive(Default)]
     struct Agg {
         sum: Decimal,
@@ -269,10 +274,7 @@ pub fn expected(
 }
 
 /// A query answer in the same form as [`expected`].
-pub fn answer(
-    v: &Value,
-    group_by: &[&str],
-) -> BTreeMap<(String, Option<String>, Vec<(String, Option<String>)>), String> {
+pub fn answer(v: &Value, group_by: &[&str]) -> Answer {
     v["data"]
         .as_array()
         .expect("data")
