@@ -15,6 +15,7 @@ use schemas::proto::usage::v1::EventBatch;
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use tokio::task::JoinHandle;
 use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
 
@@ -32,13 +33,17 @@ pub struct Shard {
     leases: Leases,
     consumer: Arc<StreamConsumer>,
     db: Option<Client>,
-    meters: MeterCache,
+    /// The flush side (own connection, meter cache); away while a flush is in flight.
+    flusher: Option<Flusher>,
+    inflight: Option<JoinHandle<FlushOutcome>>,
     owned: BTreeMap<i32, Owned>,
     pending: Vec<Pending>,
     bad: Vec<BadRecord>,
     oldest_pending: Option<Instant>,
     partitions: i32,
     ticks: u64,
+    /// A flush was abandoned (shutdown while the database was away): do not release leases.
+    unclean: bool,
 }
 
 impl std::fmt::Debug for Shard {
@@ -88,17 +93,23 @@ impl Shard {
             ttl: cfg.lease_ttl(),
         };
         Ok(Shard {
-            cfg,
+            cfg: cfg.clone(),
             leases,
             consumer: Arc::new(consumer),
             db: None,
-            meters: MeterCache::default(),
+            flusher: Some(Flusher {
+                cfg: cfg.clone(),
+                db: None,
+                meters: MeterCache::default(),
+            }),
+            inflight: None,
             owned: BTreeMap::new(),
             pending: Vec::new(),
             bad: Vec::new(),
             oldest_pending: None,
             partitions: 0,
             ticks: 0,
+            unclean: false,
         })
     }
 
@@ -128,14 +139,20 @@ impl Shard {
                         tracing::warn!(error = %e, "lease tick failed");
                     }
                 }
-                _ = tokio::time::sleep_until(deadline.into()), if self.oldest_pending.is_some() => {
-                    self.flush_until_done(&shutdown).await;
+                done = wait_inflight(&mut self.inflight), if self.inflight.is_some() => {
+                    self.inflight = None;
+                    self.apply(done);
+                }
+                _ = tokio::time::sleep_until(deadline.into()),
+                    if self.oldest_pending.is_some() && self.inflight.is_none() => {
+                    self.start_flush(&shutdown).await;
                 }
                 msg = consumer.recv(), if !self.owned.is_empty() => match msg {
                     Ok(msg) => {
                         self.take(&msg);
                         if self.pending.len() + self.bad.len() >= self.cfg.flush.max_events {
-                            self.flush_until_done(&shutdown).await;
+                            // Waits for the flush in flight, if any: at most two batches in memory.
+                            self.start_flush(&shutdown).await;
                         }
                     }
                     Err(e) => {
@@ -145,11 +162,11 @@ impl Shard {
                 },
             }
         }
-        self.stop().await;
+        self.stop(&shutdown).await;
     }
 
-    async fn stop(&mut self) {
-        let clean = self.flush_once().await.is_ok();
+    async fn stop(&mut self, shutdown: &CancellationToken) {
+        let clean = self.flush_all(shutdown).await;
         let leases = self.leases.clone();
         let owned: Vec<(i32, i64)> = self.owned.iter().map(|(p, o)| (*p, o.generation)).collect();
         if let Ok(db) = self.db().await {
@@ -224,121 +241,108 @@ impl Shard {
         metrics::gauge!(m::PENDING_EVENTS).set(self.pending.len() as f64);
     }
 
-    /// Flushes, retrying database errors with back-off until it succeeds, is fenced (state
-    /// dropped and re-read) or shutdown is asked for.
-    async fn flush_until_done(&mut self, shutdown: &CancellationToken) {
-        let mut backoff = Duration::from_millis(100);
-        loop {
-            match self.flush_once().await {
-                Ok(()) => return,
-                Err(FlushError::Fenced(why)) => {
-                    tracing::warn!(%why, "fenced: dropping unflushed state and re-reading leases");
-                    metrics::counter!(m::FENCED_TOTAL).increment(1);
-                    self.drop_all();
-                    return;
-                }
-                Err(FlushError::Db(e)) => {
-                    metrics::counter!(m::FLUSH_FAILURES_TOTAL).increment(1);
-                    tracing::warn!(error = %e, retry_ms = backoff.as_millis() as u64, "flush failed; retrying");
-                    tokio::select! {
-                        _ = shutdown.cancelled() => return,
-                        _ = tokio::time::sleep(backoff) => {}
-                    }
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
-                }
-            }
+    /// Waits for the flush in flight (if any) and applies its outcome.
+    async fn finish_inflight(&mut self) {
+        if let Some(h) = self.inflight.take() {
+            let done = h.await;
+            self.apply(done);
         }
     }
 
-    async fn flush_once(&mut self) -> Result<(), FlushError> {
+    /// Starts flushing what is pending (after the flush in flight, if any, is done), so that
+    /// consumption goes on while PostgreSQL works.
+    async fn start_flush(&mut self, shutdown: &CancellationToken) {
+        self.finish_inflight().await;
         if self.pending.is_empty() && self.bad.is_empty() {
             self.oldest_pending = None;
-            return Ok(());
+            return;
         }
-        let started = Instant::now();
-        let received_max = self.pending.iter().map(|p| p.received).max().unwrap_or(0);
-        let refresh = i64::try_from(self.cfg.meters_refresh_ms).unwrap_or(1000) * 1_000_000;
-        let mut meters = std::mem::take(&mut self.meters);
-        let r = async {
-            let db = self.db().await?;
-            meters
-                .ensure_fresh(db, received_max, now_nanos(), refresh)
-                .await?;
-            Ok::<_, tokio_postgres::Error>(())
-        }
-        .await;
-        self.meters = meters;
-        r?;
-        let partitions: Vec<PartitionCommit> = self
-            .owned
-            .iter()
-            .map(|(p, o)| PartitionCommit {
-                partition: *p,
-                generation: o.generation,
-                committed_offset: o.committed_offset,
-                next_offset: o.next_offset,
-                watermark: o.watermark,
-            })
-            .collect();
-        let pending = std::mem::take(&mut self.pending);
-        let bad = std::mem::take(&mut self.bad);
-        let set = self.meters.set.clone();
-        let (cfg_group, cfg_topic, member) = (
-            self.cfg.consumer_group.clone(),
-            self.cfg.kafka.topic.clone(),
-            self.cfg.member.clone(),
-        );
-        let lateness = self.cfg.lateness.clone();
-        let window = self.cfg.dedup.window_secs;
-        let result = match self.db().await {
-            Ok(db) => {
-                flush::flush(
-                    db,
-                    FlushInput {
-                        group: &cfg_group,
-                        topic: &cfg_topic,
-                        member: &member,
-                        partitions: &partitions,
-                        events: &pending,
-                        bad: &bad,
-                        meters: &set,
-                        lateness: &lateness,
-                        dedup_window_secs: window,
-                    },
-                )
-                .await
-            }
-            Err(e) => Err(e.into()),
+        let Some(flusher) = self.flusher.take() else {
+            return;
         };
+        let batch = Batch {
+            pending: std::mem::take(&mut self.pending),
+            bad: std::mem::take(&mut self.bad),
+            commits: self
+                .owned
+                .iter()
+                .map(|(p, o)| PartitionCommit {
+                    partition: *p,
+                    generation: o.generation,
+                    committed_offset: o.committed_offset,
+                    next_offset: o.next_offset,
+                    watermark: o.watermark,
+                })
+                .collect(),
+            started: Instant::now(),
+        };
+        // The next batch starts from what this one will have committed.
+        for o in self.owned.values_mut() {
+            o.committed_offset = o.next_offset;
+        }
+        self.oldest_pending = None;
+        metrics::gauge!(m::PENDING_EVENTS).set(0.0);
+        self.inflight = Some(tokio::spawn(flusher.run(batch, shutdown.clone())));
+    }
+
+    /// Flushes everything taken so far; true when it all committed.
+    async fn flush_all(&mut self, shutdown: &CancellationToken) -> bool {
+        self.start_flush(shutdown).await;
+        self.finish_inflight().await;
+        self.pending.is_empty() && self.bad.is_empty() && self.flusher.is_some() && !self.unclean
+    }
+
+    fn apply(&mut self, done: Result<FlushOutcome, tokio::task::JoinError>) {
+        let (flusher, batch, result) = match done {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::error!(error = %e, "flush task failed; dropping unflushed state");
+                self.flusher = Some(Flusher {
+                    cfg: self.cfg.clone(),
+                    db: None,
+                    meters: MeterCache::default(),
+                });
+                self.drop_all();
+                return;
+            }
+        };
+        self.flusher = Some(flusher);
         match result {
             Ok(report) => {
-                for (p, o) in self.owned.iter_mut() {
-                    o.committed_offset = o.next_offset;
-                    if let Some(w) = report.watermarks.get(p) {
-                        o.watermark = *w;
+                for c in &batch.commits {
+                    if let Some(o) = self.owned.get_mut(&c.partition) {
+                        if o.generation == c.generation {
+                            if let Some(w) = report.watermarks.get(&c.partition) {
+                                o.watermark = o.watermark.max(*w);
+                            }
+                        }
                     }
                 }
-                self.oldest_pending = None;
-                m::flushed(&report, started.elapsed().as_secs_f64(), now_nanos());
-                metrics::gauge!(m::PENDING_EVENTS).set(0.0);
-                self.commit_to_kafka();
+                m::flushed(&report, batch.started.elapsed().as_secs_f64(), now_nanos());
+                self.commit_to_kafka(&batch.commits);
                 tracing::debug!(events = report.events, rows = report.window_rows, "flushed");
-                Ok(())
             }
-            Err(e) => {
-                self.pending = pending;
-                self.bad = bad;
-                Err(e)
+            Err(FlushError::Fenced(why)) => {
+                tracing::warn!(%why, "fenced: dropping unflushed state and re-reading leases");
+                metrics::counter!(m::FENCED_TOTAL).increment(1);
+                self.drop_all();
+            }
+            Err(FlushError::Db(e)) => {
+                // Only at shutdown (the task retries otherwise): nothing of it was committed, so
+                // the next owner of these partitions consumes them again.
+                tracing::warn!(error = %e, "flush abandoned at shutdown");
+                self.unclean = true;
             }
         }
     }
 
     /// Kafka's committed offsets mirror PostgreSQL's for monitoring tools only.
-    fn commit_to_kafka(&self) {
+    fn commit_to_kafka(&self, commits: &[PartitionCommit]) {
         let mut tpl = TopicPartitionList::new();
-        for (p, o) in &self.owned {
-            if let Some(n) = o.next_offset {
-                let _ = tpl.add_partition_offset(&self.cfg.kafka.topic, *p, Offset::Offset(n));
+        for c in commits {
+            if let Some(n) = c.next_offset {
+                let _ =
+                    tpl.add_partition_offset(&self.cfg.kafka.topic, c.partition, Offset::Offset(n));
             }
         }
         if tpl.count() > 0 {
@@ -417,7 +421,7 @@ impl Shard {
             .filter(|p| !desired.contains(p))
             .copied()
             .collect();
-        if !surplus.is_empty() && self.flush_once().await.is_ok() {
+        if !surplus.is_empty() && self.flush_all(&CancellationToken::new()).await {
             for p in surplus {
                 if let Some(o) = self.owned.remove(&p) {
                     leases.release(self.db().await?, p, o.generation).await?;
@@ -508,5 +512,82 @@ impl Shard {
             }
         })
         .await;
+    }
+}
+
+/// What one flush writes, taken from the shard when the flush starts.
+#[derive(Debug)]
+struct Batch {
+    pending: Vec<Pending>,
+    bad: Vec<BadRecord>,
+    commits: Vec<PartitionCommit>,
+    started: Instant,
+}
+
+type FlushOutcome = (Flusher, Batch, Result<flush::FlushReport, FlushError>);
+
+async fn wait_inflight(
+    slot: &mut Option<JoinHandle<FlushOutcome>>,
+) -> Result<FlushOutcome, tokio::task::JoinError> {
+    match slot.as_mut() {
+        Some(h) => h.await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The flush side of a shard: its own connection and meter cache, moved into the flush task.
+#[derive(Debug)]
+struct Flusher {
+    cfg: Config,
+    db: Option<Client>,
+    meters: MeterCache,
+}
+
+impl Flusher {
+    /// Flushes `batch`, retrying database errors with back-off until it commits, is fenced or
+    /// shutdown is asked for.
+    async fn run(mut self, batch: Batch, shutdown: CancellationToken) -> FlushOutcome {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            match self.once(&batch).await {
+                Err(FlushError::Db(e)) if !shutdown.is_cancelled() => {
+                    metrics::counter!(m::FLUSH_FAILURES_TOTAL).increment(1);
+                    tracing::warn!(error = %e, retry_ms = backoff.as_millis() as u64, "flush failed; retrying");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => {}
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+                r => return (self, batch, r),
+            }
+        }
+    }
+
+    async fn once(&mut self, b: &Batch) -> Result<flush::FlushReport, FlushError> {
+        if self.db.as_ref().is_none_or(|c| c.is_closed()) {
+            self.db = Some(connect(&self.cfg.database_url).await?);
+        }
+        let db = self.db.as_mut().expect("just connected");
+        let received_max = b.pending.iter().map(|p| p.received).max().unwrap_or(0);
+        let refresh = i64::try_from(self.cfg.meters_refresh_ms).unwrap_or(1000) * 1_000_000;
+        self.meters
+            .ensure_fresh(db, received_max, now_nanos(), refresh)
+            .await?;
+        flush::flush(
+            db,
+            FlushInput {
+                group: &self.cfg.consumer_group,
+                topic: &self.cfg.kafka.topic,
+                member: &self.cfg.member,
+                partitions: &b.commits,
+                events: &b.pending,
+                bad: &b.bad,
+                meters: &self.meters.set,
+                lateness: &self.cfg.lateness,
+                dedup_window_secs: self.cfg.dedup.window_secs,
+            },
+        )
+        .await
     }
 }
