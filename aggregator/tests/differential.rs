@@ -299,3 +299,34 @@ async fn crashes_handovers_and_lost_connections_keep_totals_exact() {
 fn kill9(c: &mut std::process::Child) {
     common::kill9(c)
 }
+
+/// The database crashes (twice) and the broker restarts (durable SQLite storage) while the
+/// stream flows; ingest answers 503 meanwhile and the events are sent again. Exact.
+#[tokio::test]
+async fn database_crashes_and_broker_restart_mid_stream_keep_totals_exact() {
+    let pg = common::PrivatePostgres::start();
+    let mut broker = common::edge::PrivateBroker::start();
+    let (url, db) = pg.database().await;
+    let mut p = Pipeline::on(&broker.brokers(), 4, url, db).await;
+    setup_meters(&p, &p.key).await;
+    let now = Utc::now();
+    let s = gen::stream(21, 3_000, now, "r");
+    let mut agg = p.child_aggregator("agg-r");
+    let chunks: Vec<_> = s.events.chunks(100).collect();
+    for (i, chunk) in chunks.iter().enumerate() {
+        p.post_events(&p.key, chunk).await;
+        if i == 8 || i == 22 {
+            pg.crash_and_restart();
+        }
+        if i == 15 {
+            broker.kill();
+            tokio::time::sleep(StdDuration::from_millis(500)).await;
+            broker.restart();
+        }
+    }
+    p.db = schemas::testing::connect(&p.db_url).await;
+    check_outcomes(&p, p.tenant, &s).await;
+    let n = compare_all(&p, &p.key, &s, now).await;
+    assert!(n > 0);
+    kill9(&mut agg);
+}

@@ -35,6 +35,16 @@ impl Pipeline {
 
     pub async fn on_broker(brokers: &str, partitions: i32) -> Self {
         let (db_url, db) = schemas::testing::fresh_database().await;
+        Self::on(brokers, partitions, db_url, db).await
+    }
+
+    /// On the given broker and (migrated) database.
+    pub async fn on(
+        brokers: &str,
+        partitions: i32,
+        db_url: String,
+        db: tokio_postgres::Client,
+    ) -> Self {
         let tenant = control_api::keys::create_tenant(&db, "acme")
             .await
             .expect("tenant");
@@ -290,4 +300,145 @@ pub fn sigterm(child: &mut std::process::Child) {
         .args(["-TERM", &child.id().to_string()])
         .status();
     let _ = child.wait();
+}
+
+/// A PostgreSQL server of the test's own (initdb into a temporary folder, a free port), so that
+/// it can be restarted — even crashed with `pg_ctl -m immediate` — without touching the
+/// machine's shared server. Binaries from `PG_BIN` or /usr/lib/postgresql/<version>/bin.
+pub struct PrivatePostgres {
+    pub port: u16,
+    dir: std::path::PathBuf,
+    bin: std::path::PathBuf,
+}
+
+impl PrivatePostgres {
+    fn pg_bin() -> std::path::PathBuf {
+        if let Ok(b) = std::env::var("PG_BIN") {
+            return b.into();
+        }
+        let mut found: Vec<_> = std::fs::read_dir("/usr/lib/postgresql")
+            .expect("PostgreSQL binaries under /usr/lib/postgresql (or set PG_BIN)")
+            .filter_map(|e| e.ok().map(|e| e.path().join("bin")))
+            .filter(|p| p.join("initdb").exists())
+            .collect();
+        found.sort();
+        found
+            .pop()
+            .expect("an initdb under /usr/lib/postgresql/*/bin")
+    }
+
+    /// Runs a PostgreSQL tool as the `postgres` user when this process is root (initdb and the
+    /// server refuse root), directly otherwise.
+    fn run(&self, tool: &str, args: &[&str]) {
+        let root = std::process::Command::new("id")
+            .arg("-u")
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+            .unwrap_or(false);
+        let exe = self.bin.join(tool);
+        let status = if root {
+            std::process::Command::new("runuser")
+                .args(["-u", "postgres", "--"])
+                .arg(&exe)
+                .args(args)
+                .stdout(std::process::Stdio::null())
+                .status()
+        } else {
+            std::process::Command::new(&exe)
+                .args(args)
+                .stdout(std::process::Stdio::null())
+                .status()
+        }
+        .expect("PostgreSQL tool runs");
+        assert!(status.success(), "{tool} {args:?} failed");
+    }
+
+    pub fn start() -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .expect("free port")
+            .local_addr()
+            .expect("addr")
+            .port();
+        let dir = std::env::temp_dir().join(format!("pg-test-{}", Uuid::new_v4().simple()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let _ = std::process::Command::new("chown")
+            .args(["-R", "postgres:postgres"])
+            .arg(&dir)
+            .status();
+        let pg = PrivatePostgres {
+            port,
+            dir,
+            bin: Self::pg_bin(),
+        };
+        let data = pg.data();
+        pg.run(
+            "initdb",
+            &[
+                "-D",
+                &data,
+                "-A",
+                "trust",
+                "-U",
+                "postgres",
+                "--no-sync",
+                "-E",
+                "UTF8",
+            ],
+        );
+        pg.ctl_start();
+        pg
+    }
+
+    fn data(&self) -> String {
+        self.dir.join("data").to_string_lossy().into_owned()
+    }
+
+    fn ctl_start(&self) {
+        let opts = format!(
+            "-p {} -k {} -c listen_addresses=127.0.0.1",
+            self.port,
+            self.dir.to_string_lossy()
+        );
+        let log = self.dir.join("log").to_string_lossy().into_owned();
+        self.run(
+            "pg_ctl",
+            &["-D", &self.data(), "-o", &opts, "-l", &log, "-w", "start"],
+        );
+    }
+
+    pub fn url(&self, db: &str) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/{db}", self.port)
+    }
+
+    /// Crash (no checkpoint, like a power cut for the server process) and start again.
+    pub fn crash_and_restart(&self) {
+        self.run(
+            "pg_ctl",
+            &["-D", &self.data(), "-m", "immediate", "-w", "stop"],
+        );
+        self.ctl_start();
+    }
+
+    /// A migrated database on this server.
+    pub async fn database(&self) -> (String, tokio_postgres::Client) {
+        let admin = schemas::testing::connect(&self.url("postgres")).await;
+        admin
+            .batch_execute("CREATE DATABASE metering")
+            .await
+            .expect("create database");
+        let url = self.url("metering");
+        let mut db = schemas::testing::connect(&url).await;
+        schemas::migrate::run(&mut db).await.expect("migrate");
+        (url, db)
+    }
+}
+
+impl Drop for PrivatePostgres {
+    fn drop(&mut self) {
+        let data = self.data();
+        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            self.run("pg_ctl", &["-D", &data, "-m", "immediate", "stop"])
+        }));
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
 }
