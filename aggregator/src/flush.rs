@@ -73,6 +73,9 @@ impl std::fmt::Debug for FlushInput<'_> {
     }
 }
 
+/// Columns of dedup rows: tenant, source, event id, reception time.
+type DedupRows<'a> = (Vec<Uuid>, Vec<&'a str>, Vec<&'a str>, Vec<DateTime<Utc>>);
+
 fn ts(nanos: i64) -> DateTime<Utc> {
     DateTime::from_timestamp_nanos(nanos)
 }
@@ -170,7 +173,7 @@ pub async fn flush(db: &mut Client, inp: FlushInput<'_>) -> Result<FlushReport, 
                 refresh.push(k);
             }
         }
-        let pick = |v: &[usize]| -> (Vec<Uuid>, Vec<&str>, Vec<&str>, Vec<DateTime<Utc>>) {
+        let pick = |v: &[usize]| -> DedupRows<'_> {
             (
                 v.iter().map(|&k| tenants[k]).collect(),
                 v.iter().map(|&k| sources[k]).collect(),
