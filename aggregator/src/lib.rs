@@ -29,20 +29,37 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
     Ok(())
 }
 
-/// Deletes dedup ids well past the dedup window, in bounded batches. The flush treats an id
+/// At start and then every `dedup.housekeeping_interval_secs`: creates monthly partitions ahead,
+/// deletes dedup ids well past the dedup window, in bounded batches. The flush treats an id
 /// older than the window as new whether or not its row is gone yet, so this only bounds storage;
 /// the extra slack (6 h) keeps ids while a lagging shard might still need them.
 async fn housekeeping(cfg: Config, shutdown: CancellationToken) {
     let every = std::time::Duration::from_secs(cfg.dedup.housekeeping_interval_secs.max(1));
     let keep = format!("{} seconds", cfg.dedup.window_secs + 6 * 3600);
+    let mut first = true;
     loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(every) => {}
+        if !first {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(every) => {}
+            }
         }
+        first = false;
         let Ok(db) = shard::connect(&cfg.database_url).await else {
             continue;
         };
+        // Monthly partitions of the minute tables ahead of time (a no-op with TimescaleDB); rows
+        // of a month without its partition land in the DEFAULT one, so this is never urgent.
+        if let Err(e) = db
+            .execute(
+                "SELECT metering_ensure_partitions((now() - interval '2 months')::date,
+                                                   (now() + interval '3 months')::date)",
+                &[],
+            )
+            .await
+        {
+            tracing::warn!(error = %e, "creating monthly partitions failed");
+        }
         loop {
             match db
                 .execute(
