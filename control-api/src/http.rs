@@ -176,6 +176,7 @@ pub fn router(state: AppState) -> Router {
             "/api/v1/meters/{id_or_slug}/query",
             get(crate::query::query),
         )
+        .route("/api/v1/usage/outcomes", get(crate::usage::outcomes))
         .fallback(|| async {
             ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint")
         })

@@ -2,10 +2,11 @@
 //! subscriptions, invoices, payments, notifications) and the operator CLI.
 //!
 //! [`http`] holds the server, the error shape and authentication; [`meters`] the OpenMeter meters
-//! resource; [`query`] the meter query; [`keys`] tenants and API keys.
+//! resource; [`query`] the meter query; [`usage`] the event accounting; [`keys`] tenants and API keys.
 
 pub mod db;
 pub mod http;
 pub mod keys;
 pub mod meters;
 pub mod query;
+pub mod usage;

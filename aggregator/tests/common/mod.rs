@@ -337,7 +337,12 @@ impl PrivatePostgres {
             .unwrap_or(false);
         let exe = self.bin.join(tool);
         let status = if root {
-            std::process::Command::new("runuser")
+            // runuser lives in /usr/sbin or /sbin, which a minimal PATH (CI) may lack.
+            let runuser = ["/usr/sbin/runuser", "/sbin/runuser", "/usr/bin/runuser"]
+                .into_iter()
+                .find(|p| std::path::Path::new(p).exists())
+                .unwrap_or("runuser");
+            std::process::Command::new(runuser)
                 .args(["-u", "postgres", "--"])
                 .arg(&exe)
                 .args(args)
