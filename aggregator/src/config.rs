@@ -46,6 +46,10 @@ pub struct FlushConfig {
     pub max_events: usize,
     /// ...or when its oldest unflushed event is this old, whichever comes first.
     pub interval_ms: u64,
+    /// A flush is split by partition (p mod n) into this many transactions on as many
+    /// connections, run at once; each carries its own fence and offsets, so each is exactly-once
+    /// on its own, and PostgreSQL works on several cores.
+    pub parallelism: usize,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -94,6 +98,7 @@ impl Default for Config {
             flush: FlushConfig {
                 max_events: 50_000,
                 interval_ms: 250,
+                parallelism: 2,
             },
             lease: LeaseConfig {
                 ttl_ms: 10_000,
@@ -181,6 +186,9 @@ impl Config {
         };
         if self.flush.max_events == 0 {
             return bad("flush.max_events", "must be positive");
+        }
+        if self.flush.parallelism == 0 || self.flush.parallelism > 64 {
+            return bad("flush.parallelism", "must be between 1 and 64");
         }
         if self.flush.interval_ms == 0 {
             return bad("flush.interval_ms", "must be positive");

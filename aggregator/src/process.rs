@@ -238,7 +238,7 @@ pub struct Deltas {
     /// Late deltas per minute window: what the rater turns into correction lines.
     pub corrections: BTreeMap<WindowKey, Acc>,
     /// (tenant, day of reception as Unix days, outcome, reason) → events.
-    pub outcomes: HashMap<(Uuid, i64, &'static str, &'static str), i64>,
+    pub outcomes: BTreeMap<(Uuid, i64, &'static str, &'static str), i64>,
     pub accepted: u64,
     pub duplicates: u64,
     pub unmetered: u64,

@@ -97,11 +97,7 @@ impl Shard {
             leases,
             consumer: Arc::new(consumer),
             db: None,
-            flusher: Some(Flusher {
-                cfg: cfg.clone(),
-                db: None,
-                meters: MeterCache::default(),
-            }),
+            flusher: Some(Flusher::new(&cfg)),
             inflight: None,
             owned: BTreeMap::new(),
             pending: Vec::new(),
@@ -260,22 +256,23 @@ impl Shard {
         let Some(flusher) = self.flusher.take() else {
             return;
         };
-        let batch = Batch {
-            pending: std::mem::take(&mut self.pending),
-            bad: std::mem::take(&mut self.bad),
-            commits: self
-                .owned
-                .iter()
-                .map(|(p, o)| PartitionCommit {
-                    partition: *p,
-                    generation: o.generation,
-                    committed_offset: o.committed_offset,
-                    next_offset: o.next_offset,
-                    watermark: o.watermark,
-                })
-                .collect(),
-            started: Instant::now(),
-        };
+        let commits = self
+            .owned
+            .iter()
+            .map(|(p, o)| PartitionCommit {
+                partition: *p,
+                generation: o.generation,
+                committed_offset: o.committed_offset,
+                next_offset: o.next_offset,
+                watermark: o.watermark,
+            })
+            .collect();
+        let batch = Batch::split(
+            std::mem::take(&mut self.pending),
+            std::mem::take(&mut self.bad),
+            commits,
+            self.cfg.flush.parallelism,
+        );
         // The next batch starts from what this one will have committed.
         for o in self.owned.values_mut() {
             o.committed_offset = o.next_offset;
@@ -297,11 +294,7 @@ impl Shard {
             Ok(d) => d,
             Err(e) => {
                 tracing::error!(error = %e, "flush task failed; dropping unflushed state");
-                self.flusher = Some(Flusher {
-                    cfg: self.cfg.clone(),
-                    db: None,
-                    meters: MeterCache::default(),
-                });
+                self.flusher = Some(Flusher::new(&self.cfg));
                 self.drop_all();
                 return;
             }
@@ -309,7 +302,7 @@ impl Shard {
         self.flusher = Some(flusher);
         match result {
             Ok(report) => {
-                for c in &batch.commits {
+                for c in batch.commits() {
                     if let Some(o) = self.owned.get_mut(&c.partition) {
                         if o.generation == c.generation {
                             if let Some(w) = report.watermarks.get(&c.partition) {
@@ -319,7 +312,8 @@ impl Shard {
                     }
                 }
                 m::flushed(&report, batch.started.elapsed().as_secs_f64(), now_nanos());
-                self.commit_to_kafka(&batch.commits);
+                let commits: Vec<PartitionCommit> = batch.commits().cloned().collect();
+                self.commit_to_kafka(&commits);
                 tracing::debug!(events = report.events, rows = report.window_rows, "flushed");
             }
             Err(FlushError::Fenced(why)) => {
@@ -515,13 +509,50 @@ impl Shard {
     }
 }
 
-/// What one flush writes, taken from the shard when the flush starts.
+/// What one flush writes, taken from the shard when the flush starts, split into parts by
+/// partition (one transaction each).
 #[derive(Debug)]
 struct Batch {
+    parts: Vec<Part>,
+    started: Instant,
+}
+
+#[derive(Debug, Default)]
+struct Part {
     pending: Vec<Pending>,
     bad: Vec<BadRecord>,
     commits: Vec<PartitionCommit>,
-    started: Instant,
+}
+
+impl Batch {
+    fn split(
+        pending: Vec<Pending>,
+        bad: Vec<BadRecord>,
+        commits: Vec<PartitionCommit>,
+        n: usize,
+    ) -> Batch {
+        let n = n.max(1);
+        let mut parts: Vec<Part> = (0..n).map(|_| Part::default()).collect();
+        let of = |p: i32| (p.unsigned_abs() as usize) % n;
+        for e in pending {
+            parts[of(e.partition)].pending.push(e);
+        }
+        for b in bad {
+            parts[of(b.partition)].bad.push(b);
+        }
+        for c in commits {
+            parts[of(c.partition)].commits.push(c);
+        }
+        parts.retain(|p| !p.commits.is_empty());
+        Batch {
+            parts,
+            started: Instant::now(),
+        }
+    }
+
+    fn commits(&self) -> impl Iterator<Item = &PartitionCommit> {
+        self.parts.iter().flat_map(|p| p.commits.iter())
+    }
 }
 
 type FlushOutcome = (Flusher, Batch, Result<flush::FlushReport, FlushError>);
@@ -535,21 +566,32 @@ async fn wait_inflight(
     }
 }
 
-/// The flush side of a shard: its own connection and meter cache, moved into the flush task.
+/// The flush side of a shard: its own connections (one per part) and meter cache, moved into
+/// the flush task.
 #[derive(Debug)]
 struct Flusher {
     cfg: Config,
-    db: Option<Client>,
+    dbs: Vec<Option<Client>>,
     meters: MeterCache,
 }
 
 impl Flusher {
-    /// Flushes `batch`, retrying database errors with back-off until it commits, is fenced or
-    /// shutdown is asked for.
+    fn new(cfg: &Config) -> Self {
+        Flusher {
+            cfg: cfg.clone(),
+            dbs: (0..cfg.flush.parallelism.max(1)).map(|_| None).collect(),
+            meters: MeterCache::default(),
+        }
+    }
+
+    /// Flushes `batch`, retrying database errors with back-off until every part committed, one
+    /// is fenced, or shutdown is asked for. A part that committed is never written again.
     async fn run(mut self, batch: Batch, shutdown: CancellationToken) -> FlushOutcome {
         let mut backoff = Duration::from_millis(100);
+        let mut reports: Vec<Option<flush::FlushReport>> =
+            batch.parts.iter().map(|_| None).collect();
         loop {
-            match self.once(&batch).await {
+            match self.once(&batch, &mut reports).await {
                 Err(FlushError::Db(e)) if !shutdown.is_cancelled() => {
                     metrics::counter!(m::FLUSH_FAILURES_TOTAL).increment(1);
                     tracing::warn!(error = %e, retry_ms = backoff.as_millis() as u64, "flush failed; retrying");
@@ -559,35 +601,108 @@ impl Flusher {
                     }
                     backoff = (backoff * 2).min(Duration::from_secs(5));
                 }
-                r => return (self, batch, r),
+                Err(e) => return (self, batch, Err(e)),
+                Ok(()) => {
+                    let report = merge(reports.into_iter().flatten());
+                    return (self, batch, Ok(report));
+                }
             }
         }
     }
 
-    async fn once(&mut self, b: &Batch) -> Result<flush::FlushReport, FlushError> {
-        if self.db.as_ref().is_none_or(|c| c.is_closed()) {
-            self.db = Some(connect(&self.cfg.database_url).await?);
+    async fn once(
+        &mut self,
+        b: &Batch,
+        reports: &mut [Option<flush::FlushReport>],
+    ) -> Result<(), FlushError> {
+        for slot in self.dbs.iter_mut() {
+            if slot.as_ref().is_none_or(|c| c.is_closed()) {
+                *slot = Some(connect(&self.cfg.database_url).await?);
+            }
         }
-        let db = self.db.as_mut().expect("just connected");
-        let received_max = b.pending.iter().map(|p| p.received).max().unwrap_or(0);
+        let received_max = b
+            .parts
+            .iter()
+            .flat_map(|p| p.pending.iter().map(|e| e.received))
+            .max()
+            .unwrap_or(0);
         let refresh = i64::try_from(self.cfg.meters_refresh_ms).unwrap_or(1000) * 1_000_000;
-        self.meters
-            .ensure_fresh(db, received_max, now_nanos(), refresh)
-            .await?;
-        flush::flush(
-            db,
-            FlushInput {
-                group: &self.cfg.consumer_group,
-                topic: &self.cfg.kafka.topic,
-                member: &self.cfg.member,
-                partitions: &b.commits,
-                events: &b.pending,
-                bad: &b.bad,
-                meters: &self.meters.set,
-                lateness: &self.cfg.lateness,
-                dedup_window_secs: self.cfg.dedup.window_secs,
-            },
-        )
-        .await
+        if let Some(Some(db)) = self.dbs.first() {
+            self.meters
+                .ensure_fresh(db, received_max, now_nanos(), refresh)
+                .await?;
+        }
+        let meters = self.meters.set.clone();
+        let cfg = &self.cfg;
+        let runs = self
+            .dbs
+            .iter_mut()
+            .zip(b.parts.iter().zip(reports.iter_mut()))
+            .filter(|(_, (_, r))| r.is_none())
+            .map(|(db, (part, report))| {
+                let meters = meters.clone();
+                async move {
+                    let db = db.as_mut().expect("connected above");
+                    let r = flush::flush(
+                        db,
+                        FlushInput {
+                            group: &cfg.consumer_group,
+                            topic: &cfg.kafka.topic,
+                            member: &cfg.member,
+                            partitions: &part.commits,
+                            events: &part.pending,
+                            bad: &part.bad,
+                            meters: &meters,
+                            lateness: &cfg.lateness,
+                            dedup_window_secs: cfg.dedup.window_secs,
+                        },
+                    )
+                    .await;
+                    match r {
+                        Ok(rep) => {
+                            *report = Some(rep);
+                            Ok(())
+                        }
+                        Err(e) => Err(e),
+                    }
+                }
+            });
+        let results = futures_util::future::join_all(runs).await;
+        // A fence wins over a database error: the state must be re-read either way.
+        let mut first_err = None;
+        for r in results {
+            match r {
+                Err(FlushError::Fenced(w)) => return Err(FlushError::Fenced(w)),
+                Err(e) => first_err = first_err.or(Some(e)),
+                Ok(()) => {}
+            }
+        }
+        match first_err {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
     }
+}
+
+/// One report for the parts of a flush.
+fn merge(reports: impl Iterator<Item = flush::FlushReport>) -> flush::FlushReport {
+    let mut m = flush::FlushReport::default();
+    for r in reports {
+        m.events += r.events;
+        m.accepted += r.accepted;
+        m.duplicates += r.duplicates;
+        m.unmetered += r.unmetered;
+        m.rejected += r.rejected;
+        m.late += r.late;
+        m.corrections += r.corrections;
+        m.dead_letters += r.dead_letters;
+        m.window_rows += r.window_rows;
+        m.received_min = match (m.received_min, r.received_min) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        m.received_max = m.received_max.max(r.received_max);
+        m.watermarks.extend(r.watermarks);
+    }
+    m
 }
