@@ -220,8 +220,8 @@ pub async fn flush(db: &mut Client, inp: FlushInput<'_>) -> Result<FlushReport, 
         let tenant: Vec<Uuid> = rows.iter().map(|(k, _)| k.tenant).collect();
         let meter: Vec<Uuid> = rows.iter().map(|(k, _)| k.meter).collect();
         let start: Vec<DateTime<Utc>> = rows.iter().map(|(k, _)| ts(k.window_start)).collect();
-        let subject: Vec<&str> = rows.iter().map(|(k, _)| k.subject.as_str()).collect();
-        let group: Vec<&str> = rows.iter().map(|(k, _)| k.group.as_str()).collect();
+        let subject: Vec<&str> = rows.iter().map(|(k, _)| &*k.subject).collect();
+        let group: Vec<&str> = rows.iter().map(|(k, _)| &*k.group).collect();
         let sum: Vec<Decimal> = rows.iter().map(|(_, a)| a.sum).collect();
         let count: Vec<i64> = rows.iter().map(|(_, a)| a.count).collect();
         let min: Vec<Option<Decimal>> = rows.iter().map(|(_, a)| a.min).collect();
@@ -267,8 +267,8 @@ pub async fn flush(db: &mut Client, inp: FlushInput<'_>) -> Result<FlushReport, 
             let tenant: Vec<Uuid> = uniq.iter().map(|(k, _)| k.tenant).collect();
             let meter: Vec<Uuid> = uniq.iter().map(|(k, _)| k.meter).collect();
             let start: Vec<DateTime<Utc>> = uniq.iter().map(|(k, _)| ts(k.window_start)).collect();
-            let subject: Vec<&str> = uniq.iter().map(|(k, _)| k.subject.as_str()).collect();
-            let group: Vec<&str> = uniq.iter().map(|(k, _)| k.group.as_str()).collect();
+            let subject: Vec<&str> = uniq.iter().map(|(k, _)| &*k.subject).collect();
+            let group: Vec<&str> = uniq.iter().map(|(k, _)| &*k.group).collect();
             let value: Vec<&str> = uniq.iter().map(|(_, v)| v.as_str()).collect();
             let sql = format!(
                 "INSERT INTO usage_unique_{table} (tenant_id, meter_id, window_start, subject, group_values, value)
@@ -288,8 +288,8 @@ pub async fn flush(db: &mut Client, inp: FlushInput<'_>) -> Result<FlushReport, 
         let c: Vec<_> = deltas.corrections.iter().collect();
         let tenant: Vec<Uuid> = c.iter().map(|(k, _)| k.tenant).collect();
         let meter: Vec<Uuid> = c.iter().map(|(k, _)| k.meter).collect();
-        let subject: Vec<&str> = c.iter().map(|(k, _)| k.subject.as_str()).collect();
-        let group: Vec<&str> = c.iter().map(|(k, _)| k.group.as_str()).collect();
+        let subject: Vec<&str> = c.iter().map(|(k, _)| &*k.subject).collect();
+        let group: Vec<&str> = c.iter().map(|(k, _)| &*k.group).collect();
         let start: Vec<DateTime<Utc>> = c.iter().map(|(k, _)| ts(k.window_start)).collect();
         let sum: Vec<Decimal> = c.iter().map(|(_, a)| a.sum).collect();
         let count: Vec<i64> = c.iter().map(|(_, a)| a.count).collect();

@@ -46,7 +46,7 @@ pub struct BadRecord {
 pub struct Contribution {
     pub meter: Arc<Meter>,
     /// Canonical JSON of the group-by values (keys sorted; absent paths left out).
-    pub group: String,
+    pub group: Arc<str>,
     pub value: Option<Decimal>,
     pub unique: Option<String>,
 }
@@ -164,7 +164,7 @@ fn contribution(
             group.insert(name.clone(), serde_json::Value::String(text));
         }
     }
-    let group = serde_json::Value::Object(group).to_string();
+    let group: Arc<str> = Arc::from(serde_json::Value::Object(group).to_string());
     let (mut value, mut unique) = (None, None);
     if let (true, Some(path)) = (m.aggregation.needs_value(), &m.value_property) {
         let err = |e: ValueError| (e, path.as_str().to_string());
@@ -200,8 +200,8 @@ pub struct WindowKey {
     pub tenant: Uuid,
     pub meter: Uuid,
     pub window_start: i64,
-    pub subject: String,
-    pub group: String,
+    pub subject: Arc<str>,
+    pub group: Arc<str>,
 }
 
 /// Deltas of one window (any aggregation; unused columns stay empty).
@@ -281,6 +281,7 @@ impl Deltas {
                 d.late += 1;
             }
             let t = p.event.time_unix_nanos;
+            let subject: Arc<str> = Arc::from(p.event.subject.as_str());
             for c in contributions {
                 for (grain, unit) in GRAINS {
                     let key = WindowKey {
@@ -288,7 +289,7 @@ impl Deltas {
                         tenant: p.tenant,
                         meter: c.meter.id,
                         window_start: floor(t, unit),
-                        subject: p.event.subject.clone(),
+                        subject: subject.clone(),
                         group: c.group.clone(),
                     };
                     if let Some(u) = &c.unique {
