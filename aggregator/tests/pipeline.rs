@@ -370,3 +370,71 @@ async fn dedup_survives_a_restart_and_ids_are_per_tenant() {
     stop.cancel();
     task.await.expect("stopped");
 }
+
+#[tokio::test]
+async fn metrics_show_outcomes_partitions_and_freshness() {
+    let p = Pipeline::new(2).await;
+    p.create_meter(json!({"slug": "calls", "eventType": "call", "aggregation": "COUNT"}))
+        .await;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("port")
+        .local_addr()
+        .expect("addr")
+        .port();
+    let listen = format!("127.0.0.1:{port}");
+    let mut child = p.child_aggregator_with("metrics", &[("AGGREGATOR_METRICS_LISTEN", &listen)]);
+    let t = chrono::Utc::now().format("%Y-%m-%dT%H:%M:00Z").to_string();
+    let events = vec![
+        event("m1", "call", "a", &t, json!({})),
+        event("m2", "call", "b", &t, json!({})),
+        event("m1", "call", "a", &t, json!({})),
+        event("m3", "other", "a", &t, json!({})),
+    ];
+    p.post_events(&p.key, &events).await;
+    p.wait_accounted(p.tenant, 4, WAIT).await;
+    let addr: std::net::SocketAddr = listen.parse().expect("addr");
+    let value = |body: &str, name: &str| -> f64 {
+        body.lines()
+            .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(-1.0)
+    };
+    // The flush's metrics are recorded right after its commit: poll briefly.
+    let mut body = String::new();
+    for _ in 0..50 {
+        body = common::send(addr, "GET", "/metrics", &[], Default::default())
+            .await
+            .body;
+        if value(&body, "aggregator_events_total{outcome=\"unmetered\"}") >= 1.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        value(&body, "aggregator_events_total{outcome=\"accepted\"}"),
+        2.0,
+        "{body}"
+    );
+    assert_eq!(
+        value(&body, "aggregator_events_total{outcome=\"duplicate\"}"),
+        1.0,
+        "{body}"
+    );
+    assert_eq!(
+        value(&body, "aggregator_events_total{outcome=\"unmetered\"}"),
+        1.0,
+        "{body}"
+    );
+    assert_eq!(value(&body, "aggregator_dedup_hits_total"), 1.0, "{body}");
+    assert_eq!(value(&body, "aggregator_owned_partitions"), 2.0, "{body}");
+    assert!(
+        value(&body, "aggregator_freshness_seconds_count") >= 1.0,
+        "{body}"
+    );
+    assert!(
+        value(&body, "aggregator_flush_seconds_count") >= 1.0,
+        "{body}"
+    );
+    common::kill9(&mut child);
+}

@@ -136,6 +136,15 @@ impl Pipeline {
 
     /// An aggregator as a child process (SIGKILL-able), configured through its environment.
     pub fn child_aggregator(&self, member: &str) -> std::process::Child {
+        self.child_aggregator_with(member, &[])
+    }
+
+    /// As [`Self::child_aggregator`], with extra `AGGREGATOR_*` settings.
+    pub fn child_aggregator_with(
+        &self,
+        member: &str,
+        extra: &[(&str, &str)],
+    ) -> std::process::Child {
         std::process::Command::new(env!("CARGO_BIN_EXE_aggregator"))
             .arg("serve")
             .env("AGGREGATOR_DATABASE_URL", &self.db_url)
@@ -149,6 +158,7 @@ impl Pipeline {
             .env("AGGREGATOR_LEASE__TTL_MS", "2000")
             .env("AGGREGATOR_METERS_REFRESH_MS", "200")
             .env("RUST_LOG", "warn")
+            .envs(extra.iter().copied())
             .stdout(std::process::Stdio::null())
             .spawn()
             .expect("aggregator binary")
