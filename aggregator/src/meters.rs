@@ -52,15 +52,21 @@ impl MeterSet {
     }
 }
 
-/// Keeps a [`MeterSet`] no older than needed.
+/// Keeps a [`MeterSet`] no older than needed, re-reading the meters only when they changed.
 #[derive(Debug, Default)]
 pub struct MeterCache {
     pub set: Arc<MeterSet>,
+    /// (newest `updated_at`, row count) of `meters` when `set` was read: creating or deleting a
+    /// meter changes it.
+    version: Option<(Option<i64>, i64)>,
+    /// Until when (PostgreSQL's clock, Unix nanoseconds) `set` is known to be current.
+    current_at: i64,
 }
 
 impl MeterCache {
-    /// Reloads when the set predates `received_max` (the newest reception time about to be
-    /// aggregated) or is older than `max_age_nanos`.
+    /// Makes sure the set is current at least up to `received_max` (the newest reception time
+    /// about to be aggregated) and not older than `max_age_nanos`: one small query when nothing
+    /// changed, a reload when something did.
     pub async fn ensure_fresh(
         &mut self,
         db: &Client,
@@ -68,8 +74,24 @@ impl MeterCache {
         now: i64,
         max_age_nanos: i64,
     ) -> Result<(), tokio_postgres::Error> {
-        if self.set.as_of <= received_max || now - self.set.as_of > max_age_nanos {
+        if self.current_at > received_max && now - self.current_at <= max_age_nanos {
+            return Ok(());
+        }
+        let row = db
+            .query_one(
+                "SELECT (extract(epoch FROM max(updated_at)) * 1e9)::bigint, count(*),
+                        (extract(epoch FROM clock_timestamp()) * 1e9)::bigint
+                   FROM meters",
+                &[],
+            )
+            .await?;
+        let version = Some((row.get::<_, Option<i64>>(0), row.get::<_, i64>(1)));
+        if version != self.version {
             self.set = Arc::new(load(db).await?);
+            self.version = version;
+            self.current_at = self.set.as_of;
+        } else {
+            self.current_at = row.get(2);
         }
         Ok(())
     }
