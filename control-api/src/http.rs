@@ -9,7 +9,7 @@ use axum::extract::{FromRef, FromRequestParts};
 use axum::http::request::Parts;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post, put};
 use axum::Router;
 use std::net::SocketAddr;
 use tokio::task::JoinHandle;
@@ -177,6 +177,35 @@ pub fn router(state: AppState) -> Router {
             get(crate::query::query),
         )
         .route("/api/v1/usage/outcomes", get(crate::usage::outcomes))
+        .route(
+            "/api/v1/plans",
+            get(crate::catalog::list_plans).post(crate::catalog::create_plan),
+        )
+        .route("/api/v1/plans/{key}", get(crate::catalog::get_plan))
+        .route(
+            "/api/v1/plans/{key}/versions",
+            post(crate::catalog::create_version),
+        )
+        .route("/api/v1/tax-rates", get(crate::catalog::list_tax_rates))
+        .route(
+            "/api/v1/tax-rates/{region}",
+            put(crate::catalog::put_tax_rate),
+        )
+        .route(
+            "/api/v1/customers",
+            get(crate::catalog::list_customers).post(crate::catalog::create_customer),
+        )
+        .route("/api/v1/customers/{key}", get(crate::catalog::get_customer))
+        .route(
+            "/api/v1/subscriptions",
+            get(crate::catalog::list_subscriptions).post(crate::catalog::create_subscription),
+        )
+        .route(
+            "/api/v1/subscriptions/{id}",
+            get(crate::catalog::get_subscription),
+        )
+        .route("/api/v1/invoices", get(crate::catalog::list_invoices))
+        .route("/api/v1/invoices/{id}", get(crate::catalog::get_invoice))
         .fallback(|| async {
             ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint")
         })

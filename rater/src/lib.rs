@@ -1,5 +1,16 @@
-//! Rater: prices stored usage with billing-core and writes rated lines and invoices (issue #7).
-//! Today: [`quote`], the price of a quantity, used by `rater quote`.
+//! Rater: prices stored usage with billing-core and writes rated lines and invoices.
+//!
+//! - [`quote`]: the price of a quantity (`rater quote`).
+//! - [`period`]: billing periods per customer (anchor day, time zone, DST-correct).
+//! - [`usage`]: a tenant's rollups → Arrow record batches → DataFusion, per subscription span.
+//! - [`run`]: the rating job (draft invoices, corrections, idempotence), issuing with gapless
+//!   numbers, and reconciliation.
+//! - [`show`]: invoices as text for billing ops.
+
+pub mod period;
+pub mod run;
+pub mod show;
+pub mod usage;
 
 use billing_core::{Price, PriceError};
 use rust_decimal::Decimal;
@@ -13,4 +24,17 @@ pub fn quote(
 ) -> Result<Decimal, PriceError> {
     let price = Price::from_json(price_json)?;
     price.incremental(already_billed, quantity)
+}
+
+/// Connects to PostgreSQL (the connection runs on the current tokio runtime).
+pub async fn connect(url: &str) -> anyhow::Result<tokio_postgres::Client> {
+    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot connect to {}: {e}", schemas::redact_url(url)))?;
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::error!(error = %e, "database connection failed");
+        }
+    });
+    Ok(client)
 }

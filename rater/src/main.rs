@@ -1,10 +1,12 @@
-//! `rater` binary: billing-ops CLI. `quote` prices a quantity; rating jobs (`run`, `reconcile`,
-//! `simulate`, `costs`) land with the rest of issue #7.
+//! `rater` binary: the billing-ops CLI. `quote` prices a quantity; `run` rates a period into
+//! draft invoices; `issue` numbers and freezes them; `reconcile` checks them; `show` prints them.
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use rater::period::YearMonth;
 use rust_decimal::Decimal;
 use std::str::FromStr;
+use uuid::Uuid;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -15,6 +17,26 @@ use std::str::FromStr;
 struct Cli {
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Debug, clap::Args)]
+struct Scope {
+    /// Billing period, YYYY-MM (each customer's period starts on their anchor day).
+    #[arg(long)]
+    period: String,
+    /// Only this tenant (id).
+    #[arg(long)]
+    tenant: Option<Uuid>,
+    /// Only this customer (key or id).
+    #[arg(long)]
+    customer: Option<String>,
+    /// PostgreSQL URL.
+    #[arg(
+        long,
+        env = "DATABASE_URL",
+        default_value = "postgres://postgres@127.0.0.1:5432/metering"
+    )]
+    database_url: String,
 }
 
 #[derive(Debug, Subcommand)]
@@ -31,13 +53,56 @@ enum Command {
         #[arg(long)]
         already_billed: Option<String>,
     },
+    /// Rate a period: usage per subscription → priced lines → draft invoices (idempotent).
+    Run {
+        #[command(flatten)]
+        scope: Scope,
+        /// Rate and print the summary without writing anything.
+        #[arg(long)]
+        dry_run: bool,
+        /// Print the rated invoices as JSON on stdout (after the summary on stderr).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Issue the period's drafts: freeze them and number them per tenant, without gaps.
+    Issue {
+        #[command(flatten)]
+        scope: Scope,
+        /// Issue before the period has ended.
+        #[arg(long)]
+        early: bool,
+    },
+    /// Check the period's invoices against their lines, prices and the stored usage; exits 1
+    /// when anything differs.
+    Reconcile {
+        #[command(flatten)]
+        scope: Scope,
+    },
+    /// Print the period's invoices: lines, tiers, tax and totals.
+    Show {
+        #[command(flatten)]
+        scope: Scope,
+    },
 }
 
 fn decimal(field: &str, s: &str) -> anyhow::Result<Decimal> {
     Decimal::from_str(s.trim()).with_context(|| format!("--{field} {s:?} is not a decimal number"))
 }
 
-fn main() -> anyhow::Result<()> {
+fn period(s: &str) -> anyhow::Result<YearMonth> {
+    s.parse()
+        .map_err(|e: String| anyhow::anyhow!("--period: {e}"))
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("RATER_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
     match Cli::parse().command {
         Command::Quote {
             price,
@@ -54,7 +119,91 @@ fn main() -> anyhow::Result<()> {
                 "{}",
                 serde_json::json!({ "amount": amount.normalize().to_string() })
             );
-            Ok(())
+        }
+        Command::Run {
+            scope,
+            dry_run,
+            json,
+        } => {
+            let mut db = rater::connect(&scope.database_url).await?;
+            let opts = rater::run::Options {
+                period: period(&scope.period)?,
+                tenant: scope.tenant,
+                customer: scope.customer,
+                dry_run,
+            };
+            let s = rater::run::run(&mut db, &opts, false).await?;
+            let totals: Vec<String> = s
+                .totals
+                .iter()
+                .map(|(c, t)| format!("{} {c}", t.normalize()))
+                .collect();
+            eprintln!(
+                "rated {} {}: {} tenants, {} customers, {} invoices ({} written, {} unchanged, {} already issued), \
+                 {} lines ({} corrections), {} usage rows, totals {}, in {:.2?}",
+                opts.period,
+                if dry_run { "(dry run, nothing written)" } else { "" },
+                s.tenants,
+                s.customers,
+                s.invoices.len(),
+                s.invoices_written,
+                s.invoices_unchanged,
+                s.invoices_frozen,
+                s.lines,
+                s.corrections,
+                s.usage_rows,
+                if totals.is_empty() { "none".into() } else { totals.join(", ") },
+                s.elapsed,
+            );
+            if json {
+                println!("{}", serde_json::to_string_pretty(&s.invoices)?);
+            }
+        }
+        Command::Issue { scope, early } => {
+            let mut db = rater::connect(&scope.database_url).await?;
+            let issued = rater::run::issue(
+                &mut db,
+                period(&scope.period)?,
+                scope.tenant,
+                scope.customer.as_deref(),
+                early,
+            )
+            .await?;
+            let out: Vec<_> = issued
+                .iter()
+                .map(|(id, t, n)| serde_json::json!({"invoice": id, "tenant": t, "number": n}))
+                .collect();
+            println!("{}", serde_json::json!({ "issued": out }));
+        }
+        Command::Reconcile { scope } => {
+            let db = rater::connect(&scope.database_url).await?;
+            let (checked, diffs) =
+                rater::run::reconcile(&db, period(&scope.period)?, scope.tenant).await?;
+            println!(
+                "{}",
+                serde_json::json!({"invoices": checked, "differences": diffs})
+            );
+            if !diffs.is_empty() {
+                std::process::exit(1);
+            }
+            eprintln!(
+                "reconcile {}: {checked} invoices, no difference",
+                scope.period
+            );
+        }
+        Command::Show { scope } => {
+            let db = rater::connect(&scope.database_url).await?;
+            print!(
+                "{}",
+                rater::show::invoices(
+                    &db,
+                    period(&scope.period)?,
+                    scope.tenant,
+                    scope.customer.as_deref()
+                )
+                .await?
+            );
         }
     }
+    Ok(())
 }

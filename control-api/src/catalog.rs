@@ -1,0 +1,812 @@
+//! Catalog and customers: plans with versions and prices, tax rates, customers with their event
+//! subjects, subscriptions; and the invoices the rater writes (read-only here).
+//!
+//! - `POST /api/v1/plans` creates a plan and its version 1; `POST /api/v1/plans/{key}/versions`
+//!   adds the next version (a subscription keeps the version it was created with).
+//!   `GET /api/v1/plans`, `GET /api/v1/plans/{idOrKey}` (with every version).
+//! - `PUT /api/v1/tax-rates/{region}`, `GET /api/v1/tax-rates`.
+//! - `POST/GET /api/v1/customers`, `GET /api/v1/customers/{idOrKey}`.
+//! - `POST/GET /api/v1/subscriptions`, `GET /api/v1/subscriptions/{id}`.
+//! - `GET /api/v1/invoices?period=YYYY-MM`, `GET /api/v1/invoices/{id}` (with lines).
+//!
+//! Writing needs the `admin` scope, reading `read`. Another tenant's objects are "not found".
+
+use crate::http::{ApiError, AppState, Caller};
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::Json;
+use billing_core::{Currency, Price};
+use chrono::{DateTime, SecondsFormat, Utc};
+use rust_decimal::Decimal;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use std::str::FromStr;
+use uuid::Uuid;
+
+const PLAN_TIERS: [&str; 5] = ["free", "basic", "pro", "enterprise", "custom"];
+
+fn body<T>(b: Result<Json<T>, JsonRejection>) -> Result<T, ApiError> {
+    b.map(|Json(t)| t)
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_body", e.body_text()))
+}
+
+fn conflict(field: &str, message: String) -> ApiError {
+    ApiError {
+        status: StatusCode::CONFLICT,
+        code: "conflict",
+        message,
+        field: Some(field.into()),
+    }
+}
+
+fn ts(t: DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(SecondsFormat::Millis, true)
+}
+
+fn dec(d: Decimal) -> String {
+    d.normalize().to_string()
+}
+
+fn currency(field: &str, code: &str) -> Result<Currency, ApiError> {
+    Currency::from_code(code).map_err(|e| ApiError::invalid(field, e.to_string()))
+}
+
+fn decimal(field: &str, s: &str) -> Result<Decimal, ApiError> {
+    Decimal::from_str(s.trim())
+        .map_err(|_| ApiError::invalid(field, "must be a decimal number written as a string"))
+}
+
+fn required<T>(v: Option<T>, field: &str) -> Result<T, ApiError> {
+    v.ok_or_else(|| ApiError::invalid(field, "is required"))
+}
+
+// ---------------------------------------------------------------- plans
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct NewPlanPrice {
+    /// Meter id or slug.
+    pub meter: Option<String>,
+    pub price: Option<Value>,
+    pub entitlement: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct NewVersion {
+    pub currency: Option<String>,
+    pub recurring_fee: Option<String>,
+    #[serde(default)]
+    pub prices: Vec<NewPlanPrice>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct NewPlan {
+    pub key: Option<String>,
+    pub name: Option<String>,
+    pub tier: Option<String>,
+    pub currency: Option<String>,
+    pub recurring_fee: Option<String>,
+    #[serde(default)]
+    pub prices: Vec<NewPlanPrice>,
+}
+
+struct CheckedPrice {
+    meter_id: Uuid,
+    price: Value,
+    entitlement: Option<Decimal>,
+}
+
+async fn check_version(
+    db: &tokio_postgres::Client,
+    tenant: Uuid,
+    v: &NewVersion,
+) -> Result<(String, Decimal, Vec<CheckedPrice>), ApiError> {
+    let code = required(v.currency.as_deref(), "currency")?;
+    currency("currency", code)?;
+    let fee = match &v.recurring_fee {
+        Some(f) => decimal("recurringFee", f)?,
+        None => Decimal::ZERO,
+    };
+    if fee < Decimal::ZERO {
+        return Err(ApiError::invalid("recurringFee", "must not be negative"));
+    }
+    let mut out = Vec::with_capacity(v.prices.len());
+    for (i, p) in v.prices.iter().enumerate() {
+        let meter = required(p.meter.as_deref(), &format!("prices[{i}].meter"))?;
+        let m = crate::meters::find(db, tenant, meter)
+            .await
+            .map_err(|_| ApiError::invalid(format!("prices[{i}].meter"), "no such meter"))?;
+        if out.iter().any(|c: &CheckedPrice| c.meter_id == m.id) {
+            return Err(ApiError::invalid(
+                format!("prices[{i}].meter"),
+                "has a price already in this version",
+            ));
+        }
+        let price = required(p.price.clone(), &format!("prices[{i}].price"))?;
+        Price::from_json(&price.to_string())
+            .map_err(|e| ApiError::invalid(format!("prices[{i}].price"), e.to_string()))?;
+        let entitlement = p
+            .entitlement
+            .as_deref()
+            .map(|e| decimal(&format!("prices[{i}].entitlement"), e))
+            .transpose()?;
+        if entitlement.is_some_and(|e| e < Decimal::ZERO) {
+            return Err(ApiError::invalid(
+                format!("prices[{i}].entitlement"),
+                "must not be negative",
+            ));
+        }
+        out.push(CheckedPrice {
+            meter_id: m.id,
+            price,
+            entitlement,
+        });
+    }
+    Ok((code.to_string(), fee, out))
+}
+
+async fn insert_version(
+    tx: &tokio_postgres::Transaction<'_>,
+    tenant: Uuid,
+    plan: Uuid,
+    checked: (String, Decimal, Vec<CheckedPrice>),
+) -> Result<i32, ApiError> {
+    let (cur, fee, prices) = checked;
+    let row = tx
+        .query_one(
+            "INSERT INTO plan_versions (tenant_id, plan_id, version, currency, recurring_fee)
+             SELECT $1, $2, coalesce(max(version), 0) + 1, $3, $4 FROM plan_versions WHERE plan_id = $2
+             RETURNING id, version",
+            &[&tenant, &plan, &cur, &fee],
+        )
+        .await?;
+    let vid: Uuid = row.get(0);
+    for p in prices {
+        tx.execute(
+            "INSERT INTO plan_prices (tenant_id, plan_version_id, meter_id, price, entitlement)
+             VALUES ($1, $2, $3, $4, $5)",
+            &[&tenant, &vid, &p.meter_id, &p.price, &p.entitlement],
+        )
+        .await?;
+    }
+    Ok(row.get(1))
+}
+
+async fn plan_view(
+    db: &tokio_postgres::Client,
+    tenant: Uuid,
+    key: &str,
+) -> Result<Value, ApiError> {
+    let id = Uuid::parse_str(key).ok();
+    let plan = db
+        .query_opt(
+            "SELECT id, key, name, tier, created_at FROM plans
+              WHERE tenant_id = $1 AND (id = $2 OR key = $3)",
+            &[&tenant, &id, &key],
+        )
+        .await?
+        .ok_or_else(|| ApiError::not_found("plan"))?;
+    let pid: Uuid = plan.get(0);
+    let versions = db
+        .query(
+            "SELECT v.id, v.version, v.currency, v.recurring_fee, v.created_at,
+                    coalesce(jsonb_agg(jsonb_build_object(
+                        'meter', m.slug, 'meterId', p.meter_id, 'price', p.price,
+                        'entitlement', p.entitlement::text) ORDER BY m.slug)
+                        FILTER (WHERE p.meter_id IS NOT NULL), '[]')
+               FROM plan_versions v
+               LEFT JOIN plan_prices p ON p.plan_version_id = v.id
+               LEFT JOIN meters m ON m.id = p.meter_id
+              WHERE v.tenant_id = $1 AND v.plan_id = $2
+              GROUP BY v.id ORDER BY v.version",
+            &[&tenant, &pid],
+        )
+        .await?;
+    let versions: Vec<Value> = versions
+        .iter()
+        .map(|v| {
+            json!({
+                "id": v.get::<_, Uuid>(0),
+                "version": v.get::<_, i32>(1),
+                "currency": v.get::<_, String>(2),
+                "recurringFee": dec(v.get(3)),
+                "createdAt": ts(v.get(4)),
+                "prices": v.get::<_, Value>(5),
+            })
+        })
+        .collect();
+    Ok(json!({
+        "id": pid,
+        "key": plan.get::<_, String>(1),
+        "name": plan.get::<_, String>(2),
+        "tier": plan.get::<_, String>(3),
+        "createdAt": ts(plan.get(4)),
+        "versions": versions,
+    }))
+}
+
+pub async fn create_plan(
+    State(st): State<AppState>,
+    caller: Caller,
+    b: Result<Json<NewPlan>, JsonRejection>,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    caller.require("admin")?;
+    let p = body(b)?;
+    let key = required(p.key.clone(), "key")?;
+    if !schemas::meter::valid_slug(&key) {
+        return Err(ApiError::invalid(
+            "key",
+            "must be lower-case letters and digits, words joined by `_` or `-`, at most 63 characters",
+        ));
+    }
+    let tier = p.tier.clone().unwrap_or_else(|| "custom".into());
+    if !PLAN_TIERS.contains(&tier.as_str()) {
+        return Err(ApiError::invalid(
+            "tier",
+            "must be free, basic, pro, enterprise or custom",
+        ));
+    }
+    let mut db = st.pool.get().await?;
+    let version = NewVersion {
+        currency: p.currency,
+        recurring_fee: p.recurring_fee,
+        prices: p.prices,
+    };
+    let checked = check_version(&db, caller.tenant, &version).await?;
+    let tx = db.transaction().await?;
+    let row = tx
+        .query_opt(
+            "INSERT INTO plans (tenant_id, key, name, tier) VALUES ($1, $2, $3, $4)
+             ON CONFLICT (tenant_id, key) DO NOTHING RETURNING id",
+            &[
+                &caller.tenant,
+                &key,
+                &p.name.unwrap_or_else(|| key.clone()),
+                &tier,
+            ],
+        )
+        .await?
+        .ok_or_else(|| conflict("key", format!("a plan with key `{key}` already exists")))?;
+    insert_version(&tx, caller.tenant, row.get(0), checked).await?;
+    tx.commit().await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(plan_view(&db, caller.tenant, &key).await?),
+    ))
+}
+
+pub async fn create_version(
+    State(st): State<AppState>,
+    caller: Caller,
+    Path(key): Path<String>,
+    b: Result<Json<NewVersion>, JsonRejection>,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    caller.require("admin")?;
+    let v = body(b)?;
+    let mut db = st.pool.get().await?;
+    let plan = plan_view(&db, caller.tenant, &key).await?;
+    let pid = Uuid::parse_str(plan["id"].as_str().unwrap_or_default())
+        .map_err(|_| ApiError::not_found("plan"))?;
+    let checked = check_version(&db, caller.tenant, &v).await?;
+    let tx = db.transaction().await?;
+    // Serialise version numbering per plan.
+    tx.execute("SELECT 1 FROM plans WHERE id = $1 FOR UPDATE", &[&pid])
+        .await?;
+    insert_version(&tx, caller.tenant, pid, checked).await?;
+    tx.commit().await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(plan_view(&db, caller.tenant, &key).await?),
+    ))
+}
+
+pub async fn list_plans(
+    State(st): State<AppState>,
+    caller: Caller,
+) -> Result<Json<Vec<Value>>, ApiError> {
+    caller.require("read")?;
+    let db = st.pool.get().await?;
+    let keys = db
+        .query(
+            "SELECT key FROM plans WHERE tenant_id = $1 ORDER BY key",
+            &[&caller.tenant],
+        )
+        .await?;
+    let mut out = Vec::with_capacity(keys.len());
+    for k in keys {
+        out.push(plan_view(&db, caller.tenant, k.get(0)).await?);
+    }
+    Ok(Json(out))
+}
+
+pub async fn get_plan(
+    State(st): State<AppState>,
+    caller: Caller,
+    Path(key): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    caller.require("read")?;
+    let db = st.pool.get().await?;
+    Ok(Json(plan_view(&db, caller.tenant, &key).await?))
+}
+
+// ---------------------------------------------------------------- tax rates
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct NewTaxRate {
+    pub rate: Option<String>,
+    #[serde(default)]
+    pub inclusive: bool,
+}
+
+pub async fn put_tax_rate(
+    State(st): State<AppState>,
+    caller: Caller,
+    Path(region): Path<String>,
+    b: Result<Json<NewTaxRate>, JsonRejection>,
+) -> Result<Json<Value>, ApiError> {
+    caller.require("admin")?;
+    let t = body(b)?;
+    if region.is_empty() || region.len() > 32 {
+        return Err(ApiError::invalid("region", "must be 1 to 32 characters"));
+    }
+    let rate = decimal("rate", required(t.rate.as_deref(), "rate")?)?;
+    if rate < Decimal::ZERO || rate > Decimal::ONE_HUNDRED {
+        return Err(ApiError::invalid(
+            "rate",
+            "must be a percentage between 0 and 100",
+        ));
+    }
+    let db = st.pool.get().await?;
+    db.execute(
+        "INSERT INTO tax_rates (tenant_id, region, rate, inclusive) VALUES ($1, $2, $3, $4)
+         ON CONFLICT (tenant_id, region) DO UPDATE SET rate = excluded.rate, inclusive = excluded.inclusive",
+        &[&caller.tenant, &region, &rate, &t.inclusive],
+    )
+    .await?;
+    Ok(Json(
+        json!({"region": region, "rate": dec(rate), "inclusive": t.inclusive}),
+    ))
+}
+
+pub async fn list_tax_rates(
+    State(st): State<AppState>,
+    caller: Caller,
+) -> Result<Json<Vec<Value>>, ApiError> {
+    caller.require("read")?;
+    let db = st.pool.get().await?;
+    let rows = db
+        .query(
+            "SELECT region, rate, inclusive FROM tax_rates WHERE tenant_id = $1 ORDER BY region",
+            &[&caller.tenant],
+        )
+        .await?;
+    Ok(Json(
+        rows.iter()
+            .map(|r| {
+                json!({"region": r.get::<_, String>(0), "rate": dec(r.get(1)), "inclusive": r.get::<_, bool>(2)})
+            })
+            .collect(),
+    ))
+}
+
+// ---------------------------------------------------------------- customers
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct NewCustomer {
+    pub key: Option<String>,
+    pub name: Option<String>,
+    pub currency: Option<String>,
+    pub timezone: Option<String>,
+    pub billing_anchor_day: Option<i32>,
+    pub tax_region: Option<String>,
+    #[serde(default)]
+    pub subjects: Vec<String>,
+}
+
+const CUSTOMER_COLUMNS: &str = "c.id, c.key, c.name, c.currency, c.timezone, c.billing_anchor_day, c.tax_region, c.created_at,
+    coalesce((SELECT array_agg(s.subject ORDER BY s.subject) FROM customer_subjects s WHERE s.customer_id = c.id), '{}')";
+
+fn customer_view(r: &tokio_postgres::Row) -> Value {
+    json!({
+        "id": r.get::<_, Uuid>(0),
+        "key": r.get::<_, String>(1),
+        "name": r.get::<_, String>(2),
+        "currency": r.get::<_, String>(3),
+        "timezone": r.get::<_, String>(4),
+        "billingAnchorDay": r.get::<_, i32>(5),
+        "taxRegion": r.get::<_, Option<String>>(6),
+        "createdAt": ts(r.get(7)),
+        "subjects": r.get::<_, Vec<String>>(8),
+    })
+}
+
+async fn find_customer(
+    db: &tokio_postgres::Client,
+    tenant: Uuid,
+    key: &str,
+) -> Result<Value, ApiError> {
+    let id = Uuid::parse_str(key).ok();
+    let r = db
+        .query_opt(
+            &format!(
+                "SELECT {CUSTOMER_COLUMNS} FROM customers c
+                  WHERE c.tenant_id = $1 AND (c.id = $2 OR c.key = $3)
+                  ORDER BY (c.id = $2) DESC NULLS LAST LIMIT 1"
+            ),
+            &[&tenant, &id, &key],
+        )
+        .await?
+        .ok_or_else(|| ApiError::not_found("customer"))?;
+    Ok(customer_view(&r))
+}
+
+pub async fn create_customer(
+    State(st): State<AppState>,
+    caller: Caller,
+    b: Result<Json<NewCustomer>, JsonRejection>,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    caller.require("admin")?;
+    let c = body(b)?;
+    let key = required(c.key.clone(), "key")?;
+    if key.is_empty() || key.len() > 256 {
+        return Err(ApiError::invalid("key", "must be 1 to 256 characters"));
+    }
+    let cur = required(c.currency.as_deref(), "currency")?;
+    currency("currency", cur)?;
+    let tz = c.timezone.clone().unwrap_or_else(|| "UTC".into());
+    tz.parse::<chrono_tz::Tz>()
+        .map_err(|_| ApiError::invalid("timezone", "is not an IANA time zone name"))?;
+    let anchor = c.billing_anchor_day.unwrap_or(1);
+    if !(1..=31).contains(&anchor) {
+        return Err(ApiError::invalid("billingAnchorDay", "must be 1 to 31"));
+    }
+    for (i, s) in c.subjects.iter().enumerate() {
+        if s.is_empty() {
+            return Err(ApiError::invalid(
+                format!("subjects[{i}]"),
+                "must not be empty",
+            ));
+        }
+    }
+    let mut db = st.pool.get().await?;
+    let tx = db.transaction().await?;
+    let row = tx
+        .query_opt(
+            "INSERT INTO customers (tenant_id, key, name, currency, timezone, billing_anchor_day, tax_region)
+             VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (tenant_id, key) DO NOTHING RETURNING id",
+            &[
+                &caller.tenant,
+                &key,
+                &c.name.clone().unwrap_or_else(|| key.clone()),
+                &cur,
+                &tz,
+                &anchor,
+                &c.tax_region,
+            ],
+        )
+        .await?
+        .ok_or_else(|| conflict("key", format!("a customer with key `{key}` already exists")))?;
+    let id: Uuid = row.get(0);
+    for (i, s) in c.subjects.iter().enumerate() {
+        let n = tx
+            .execute(
+                "INSERT INTO customer_subjects (tenant_id, subject, customer_id) VALUES ($1, $2, $3)
+                 ON CONFLICT DO NOTHING",
+                &[&caller.tenant, s, &id],
+            )
+            .await?;
+        if n == 0 {
+            return Err(conflict(
+                &format!("subjects[{i}]"),
+                format!("subject `{s}` already belongs to a customer"),
+            ));
+        }
+    }
+    tx.commit().await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(find_customer(&db, caller.tenant, &id.to_string()).await?),
+    ))
+}
+
+pub async fn list_customers(
+    State(st): State<AppState>,
+    caller: Caller,
+) -> Result<Json<Vec<Value>>, ApiError> {
+    caller.require("read")?;
+    let db = st.pool.get().await?;
+    let rows = db
+        .query(
+            &format!(
+                "SELECT {CUSTOMER_COLUMNS} FROM customers c WHERE c.tenant_id = $1 ORDER BY c.key"
+            ),
+            &[&caller.tenant],
+        )
+        .await?;
+    Ok(Json(rows.iter().map(customer_view).collect()))
+}
+
+pub async fn get_customer(
+    State(st): State<AppState>,
+    caller: Caller,
+    Path(key): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    caller.require("read")?;
+    let db = st.pool.get().await?;
+    Ok(Json(find_customer(&db, caller.tenant, &key).await?))
+}
+
+// ---------------------------------------------------------------- subscriptions
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct NewSubscription {
+    /// Customer id or key.
+    pub customer: Option<String>,
+    /// Plan id or key.
+    pub plan: Option<String>,
+    /// Plan version; the latest when absent.
+    pub version: Option<i32>,
+    /// RFC 3339; now when absent.
+    pub started_at: Option<String>,
+    pub ended_at: Option<String>,
+}
+
+const SUB_COLUMNS: &str =
+    "s.id, c.key, p.key, v.version, s.status, s.started_at, s.ended_at, s.auto_renew, v.currency";
+
+fn sub_view(r: &tokio_postgres::Row) -> Value {
+    json!({
+        "id": r.get::<_, Uuid>(0),
+        "customer": r.get::<_, String>(1),
+        "plan": r.get::<_, String>(2),
+        "version": r.get::<_, i32>(3),
+        "status": r.get::<_, String>(4),
+        "startedAt": ts(r.get(5)),
+        "endedAt": r.get::<_, Option<DateTime<Utc>>>(6).map(ts),
+        "autoRenew": r.get::<_, bool>(7),
+        "currency": r.get::<_, String>(8),
+    })
+}
+
+const SUB_FROM: &str = "subscriptions s JOIN customers c ON c.id = s.customer_id
+    JOIN plan_versions v ON v.id = s.plan_version_id JOIN plans p ON p.id = v.plan_id";
+
+fn time(field: &str, s: &str) -> Result<DateTime<Utc>, ApiError> {
+    DateTime::parse_from_rfc3339(s)
+        .map(|t| t.with_timezone(&Utc))
+        .map_err(|_| ApiError::invalid(field, "must be an RFC 3339 time"))
+}
+
+pub async fn create_subscription(
+    State(st): State<AppState>,
+    caller: Caller,
+    b: Result<Json<NewSubscription>, JsonRejection>,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    caller.require("admin")?;
+    let s = body(b)?;
+    let db = st.pool.get().await?;
+    let customer = find_customer(
+        &db,
+        caller.tenant,
+        required(s.customer.as_deref(), "customer")?,
+    )
+    .await
+    .map_err(|_| ApiError::invalid("customer", "no such customer"))?;
+    let plan = plan_view(&db, caller.tenant, required(s.plan.as_deref(), "plan")?)
+        .await
+        .map_err(|_| ApiError::invalid("plan", "no such plan"))?;
+    let versions = plan["versions"].as_array().cloned().unwrap_or_default();
+    let version = match s.version {
+        Some(n) => versions
+            .iter()
+            .find(|v| v["version"] == n)
+            .ok_or_else(|| ApiError::invalid("version", "the plan has no such version"))?,
+        None => versions
+            .last()
+            .ok_or_else(|| ApiError::invalid("plan", "has no version"))?,
+    };
+    if version["currency"] != customer["currency"] {
+        return Err(ApiError::invalid(
+            "plan",
+            format!(
+                "is priced in {} but the customer is billed in {}",
+                version["currency"], customer["currency"]
+            ),
+        ));
+    }
+    let started = match &s.started_at {
+        Some(t) => time("startedAt", t)?,
+        None => Utc::now(),
+    };
+    let ended = s
+        .ended_at
+        .as_deref()
+        .map(|t| time("endedAt", t))
+        .transpose()?;
+    if ended.is_some_and(|e| e <= started) {
+        return Err(ApiError::invalid("endedAt", "must be after startedAt"));
+    }
+    let cid = Uuid::parse_str(customer["id"].as_str().unwrap_or_default())
+        .map_err(|_| ApiError::not_found("customer"))?;
+    let vid = Uuid::parse_str(version["id"].as_str().unwrap_or_default())
+        .map_err(|_| ApiError::not_found("plan version"))?;
+    // One subscription at a time per customer: overlapping spans would bill usage twice.
+    let overlap = db
+        .query_opt(
+            "SELECT id FROM subscriptions WHERE tenant_id = $1 AND customer_id = $2
+                AND status NOT IN ('canceled', 'expired')
+                AND tstzrange(started_at, ended_at) && tstzrange($3, $4)",
+            &[&caller.tenant, &cid, &started, &ended],
+        )
+        .await?;
+    if overlap.is_some() {
+        return Err(conflict(
+            "customer",
+            "the customer already has a subscription over that time".into(),
+        ));
+    }
+    let row = db
+        .query_one(
+            "INSERT INTO subscriptions (tenant_id, customer_id, plan_version_id, started_at, ended_at)
+             VALUES ($1, $2, $3, $4, $5) RETURNING id",
+            &[&caller.tenant, &cid, &vid, &started, &ended],
+        )
+        .await?;
+    let id: Uuid = row.get(0);
+    Ok((
+        StatusCode::CREATED,
+        Json(find_subscription(&db, caller.tenant, id).await?),
+    ))
+}
+
+async fn find_subscription(
+    db: &tokio_postgres::Client,
+    tenant: Uuid,
+    id: Uuid,
+) -> Result<Value, ApiError> {
+    let r = db
+        .query_opt(
+            &format!("SELECT {SUB_COLUMNS} FROM {SUB_FROM} WHERE s.tenant_id = $1 AND s.id = $2"),
+            &[&tenant, &id],
+        )
+        .await?
+        .ok_or_else(|| ApiError::not_found("subscription"))?;
+    Ok(sub_view(&r))
+}
+
+pub async fn list_subscriptions(
+    State(st): State<AppState>,
+    caller: Caller,
+) -> Result<Json<Vec<Value>>, ApiError> {
+    caller.require("read")?;
+    let db = st.pool.get().await?;
+    let rows = db
+        .query(
+            &format!("SELECT {SUB_COLUMNS} FROM {SUB_FROM} WHERE s.tenant_id = $1 ORDER BY c.key, s.started_at"),
+            &[&caller.tenant],
+        )
+        .await?;
+    Ok(Json(rows.iter().map(sub_view).collect()))
+}
+
+pub async fn get_subscription(
+    State(st): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    caller.require("read")?;
+    let id = Uuid::parse_str(&id).map_err(|_| ApiError::not_found("subscription"))?;
+    let db = st.pool.get().await?;
+    Ok(Json(find_subscription(&db, caller.tenant, id).await?))
+}
+
+// ---------------------------------------------------------------- invoices (read)
+
+#[derive(Debug, Deserialize)]
+pub struct InvoiceFilter {
+    pub period: Option<String>,
+    pub customer: Option<String>,
+}
+
+const INVOICE_COLUMNS: &str =
+    "i.id, c.key, i.period, i.period_start, i.period_end, i.currency, i.status, i.number,
+    i.subtotal, i.discount, i.tax, i.total, i.issued_at, i.subscription_id";
+
+fn invoice_view(r: &tokio_postgres::Row) -> Value {
+    json!({
+        "id": r.get::<_, Uuid>(0),
+        "customer": r.get::<_, String>(1),
+        "period": r.get::<_, String>(2),
+        "periodStart": ts(r.get(3)),
+        "periodEnd": ts(r.get(4)),
+        "currency": r.get::<_, String>(5),
+        "status": r.get::<_, String>(6),
+        "number": r.get::<_, Option<i64>>(7),
+        "subtotal": dec(r.get(8)),
+        "discount": dec(r.get(9)),
+        "tax": dec(r.get(10)),
+        "total": dec(r.get(11)),
+        "issuedAt": r.get::<_, Option<DateTime<Utc>>>(12).map(ts),
+        "subscription": r.get::<_, Uuid>(13),
+    })
+}
+
+pub async fn list_invoices(
+    State(st): State<AppState>,
+    caller: Caller,
+    Query(f): Query<InvoiceFilter>,
+) -> Result<Json<Vec<Value>>, ApiError> {
+    caller.require("read")?;
+    let db = st.pool.get().await?;
+    let rows = db
+        .query(
+            &format!(
+                "SELECT {INVOICE_COLUMNS} FROM invoices i JOIN customers c ON c.id = i.customer_id
+                  WHERE i.tenant_id = $1 AND ($2::text IS NULL OR i.period = $2)
+                    AND ($3::text IS NULL OR c.key = $3)
+                  ORDER BY i.period, c.key"
+            ),
+            &[&caller.tenant, &f.period, &f.customer],
+        )
+        .await?;
+    Ok(Json(rows.iter().map(invoice_view).collect()))
+}
+
+pub async fn get_invoice(
+    State(st): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    caller.require("read")?;
+    let id = Uuid::parse_str(&id).map_err(|_| ApiError::not_found("invoice"))?;
+    let db = st.pool.get().await?;
+    let r = db
+        .query_opt(
+            &format!(
+                "SELECT {INVOICE_COLUMNS} FROM invoices i JOIN customers c ON c.id = i.customer_id
+                  WHERE i.tenant_id = $1 AND i.id = $2"
+            ),
+            &[&caller.tenant, &id],
+        )
+        .await?
+        .ok_or_else(|| ApiError::not_found("invoice"))?;
+    let mut inv = invoice_view(&r);
+    let lines = db
+        .query(
+            "SELECT l.position, l.kind, m.slug, l.description, l.period_start, l.period_end, l.quantity,
+                    l.previous_quantity, l.unit_price, l.tiers, l.amount, l.discount, l.tax, l.total, l.price
+               FROM invoice_lines l LEFT JOIN meters m ON m.id = l.meter_id
+              WHERE l.invoice_id = $1 ORDER BY l.position",
+            &[&id],
+        )
+        .await?;
+    inv["lines"] = lines
+        .iter()
+        .map(|l| {
+            json!({
+                "position": l.get::<_, i32>(0),
+                "kind": l.get::<_, String>(1),
+                "meter": l.get::<_, Option<String>>(2),
+                "description": l.get::<_, String>(3),
+                "periodStart": ts(l.get(4)),
+                "periodEnd": ts(l.get(5)),
+                "quantity": dec(l.get(6)),
+                "previousQuantity": l.get::<_, Option<Decimal>>(7).map(dec),
+                "unitPrice": l.get::<_, Option<Decimal>>(8).map(dec),
+                "tiers": l.get::<_, Value>(9),
+                "amount": dec(l.get(10)),
+                "discount": dec(l.get(11)),
+                "tax": dec(l.get(12)),
+                "total": dec(l.get(13)),
+                "price": l.get::<_, Option<Value>>(14),
+            })
+        })
+        .collect();
+    Ok(Json(inv))
+}

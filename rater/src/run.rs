@@ -1,0 +1,871 @@
+//! The rating job: for one billing period, every subscription's usage is aggregated (see
+//! [`crate::usage`]), priced with billing-core and written as a draft invoice.
+//!
+//! - **Spans.** A subscription is billed for its share of the customer's period
+//!   ([`crate::period`]): `[max(period start, started_at), min(period end, ended_at))`. Periods
+//!   are half-open and meet exactly, so no minute is billed twice across a boundary or missed.
+//! - **Lines.** The plan version's recurring fee, prorated by the second for a partial span; one
+//!   usage line per priced meter (tiers, minimum true-up and cap in its breakdown); corrections.
+//! - **Corrections.** For the two periods before, when an issued (or paid) invoice exists, the
+//!   usage is aggregated again; where the quantity differs from the last one billed for that
+//!   period, a correction line (naming the corrected period) prices the difference:
+//!   `price(now) − price(billed)`. Issued invoices never change.
+//! - **Idempotent.** A draft is rewritten only when its content (SHA-256 of the rated lines)
+//!   changed; an issued invoice is never touched. Re-running the same job writes nothing.
+//! - **Numbering.** [`issue`] freezes drafts and numbers them per tenant, gapless: the counter
+//!   moves in the transaction that issues, so a failure leaves no hole.
+
+use anyhow::{bail, Context};
+use billing_core::invoice::{self, LineInput, TaxRate, TaxRounding};
+use billing_core::proration::{prorate, Span};
+use billing_core::{Currency, Price};
+use chrono::{DateTime, Utc};
+use chrono_tz::Tz;
+use rust_decimal::Decimal;
+use schemas::meter::Aggregation;
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+use std::collections::{BTreeMap, HashMap};
+use std::str::FromStr;
+use std::time::{Duration, Instant};
+use uuid::Uuid;
+
+use crate::period::{bounds, YearMonth};
+use crate::usage::{aggregate, Agg, LoadStats, SpanSubject};
+
+/// How many periods back a run looks for corrections (the lateness horizon is 35 days).
+pub const CORRECTION_PERIODS: usize = 2;
+
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub period: YearMonth,
+    pub tenant: Option<Uuid>,
+    /// Customer key or id.
+    pub customer: Option<String>,
+    pub dry_run: bool,
+}
+
+/// What a run did.
+#[derive(Debug, Clone, Default)]
+pub struct Summary {
+    pub tenants: usize,
+    pub customers: usize,
+    pub invoices_written: usize,
+    pub invoices_unchanged: usize,
+    /// Invoices of the period already issued (left as they are).
+    pub invoices_frozen: usize,
+    pub lines: usize,
+    pub corrections: usize,
+    pub usage_rows: u64,
+    /// Invoice totals per currency (of the invoices rated in this run, written or not).
+    pub totals: BTreeMap<String, Decimal>,
+    pub elapsed: Duration,
+    /// The rated invoices (for `--dry-run` output and tests).
+    pub invoices: Vec<Rated>,
+}
+
+/// A subscription as the rater needs it.
+#[derive(Debug, Clone)]
+pub struct Sub {
+    pub id: Uuid,
+    pub customer_id: Uuid,
+    pub customer_key: String,
+    pub tz: Tz,
+    pub anchor_day: u32,
+    pub tax_region: Option<String>,
+    pub currency: Currency,
+    pub plan_version: Uuid,
+    pub plan: String,
+    pub recurring_fee: Decimal,
+    pub started_at: DateTime<Utc>,
+    pub ended_at: Option<DateTime<Utc>>,
+}
+
+impl Sub {
+    /// The subscription's share of its customer's period `ym`, if any.
+    pub fn span(
+        &self,
+        ym: YearMonth,
+    ) -> Option<(DateTime<Utc>, DateTime<Utc>, DateTime<Utc>, DateTime<Utc>)> {
+        let (ps, pe) = bounds(ym, self.anchor_day, self.tz);
+        let from = ps.max(self.started_at);
+        let to = self.ended_at.map_or(pe, |e| e.min(pe));
+        (from < to).then_some((ps, pe, from, to))
+    }
+}
+
+/// A priced meter of a plan version.
+#[derive(Debug, Clone)]
+pub struct MeterPrice {
+    pub meter: Uuid,
+    pub slug: String,
+    pub name: String,
+    pub aggregation: Aggregation,
+    pub price: Price,
+    pub price_json: Value,
+}
+
+/// One rated line.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RatedLine {
+    pub kind: &'static str,
+    pub meter: Option<Uuid>,
+    pub description: String,
+    pub period_start: DateTime<Utc>,
+    pub period_end: DateTime<Utc>,
+    pub quantity: Decimal,
+    pub previous_quantity: Option<Decimal>,
+    pub price: Option<Value>,
+    pub unit_price: Option<Decimal>,
+    pub tiers: Value,
+    pub amount: Decimal,
+    pub discount: Decimal,
+    pub tax: Decimal,
+    pub total: Decimal,
+}
+
+/// A rated invoice.
+#[derive(Debug, Clone, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Rated {
+    pub tenant: Uuid,
+    pub subscription: Uuid,
+    pub customer: Uuid,
+    pub customer_key: String,
+    pub period: String,
+    pub period_start: DateTime<Utc>,
+    pub period_end: DateTime<Utc>,
+    pub currency: String,
+    pub lines: Vec<RatedLine>,
+    pub subtotal: Decimal,
+    pub discount: Decimal,
+    pub tax: Decimal,
+    pub total: Decimal,
+    #[serde(skip)]
+    pub sha256: Vec<u8>,
+}
+
+/// Progress reporting: a bar on a terminal, plain lines otherwise.
+#[derive(Debug)]
+pub struct Progress {
+    bar: Option<indicatif::ProgressBar>,
+}
+
+impl Progress {
+    pub fn new(quiet: bool) -> Self {
+        use std::io::IsTerminal;
+        let bar = (!quiet && std::io::stderr().is_terminal()).then(|| {
+            let b = indicatif::ProgressBar::new(0);
+            b.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "{spinner} {msg} [{bar:30}] {pos}/{len} subscriptions ({elapsed})",
+                )
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+            );
+            b
+        });
+        Progress { bar }
+    }
+    fn tenant(&self, tenant: Uuid, subs: usize, quiet: bool) {
+        match &self.bar {
+            Some(b) => {
+                b.inc_length(subs as u64);
+                b.set_message(format!("tenant {tenant}"));
+            }
+            None if !quiet => eprintln!("rating tenant {tenant}: {subs} subscriptions"),
+            None => {}
+        }
+    }
+    fn done(&self, n: usize) {
+        if let Some(b) = &self.bar {
+            b.inc(n as u64);
+        }
+    }
+    fn finish(&self) {
+        if let Some(b) = &self.bar {
+            b.finish_and_clear();
+        }
+    }
+}
+
+pub async fn load_subs(
+    db: &tokio_postgres::Client,
+    tenant: Uuid,
+    customer: Option<&str>,
+) -> anyhow::Result<Vec<Sub>> {
+    let cid = customer.and_then(|c| Uuid::parse_str(c).ok());
+    let rows = db
+        .query(
+            "SELECT s.id, c.id, c.key, c.timezone, c.billing_anchor_day, c.tax_region, c.currency,
+                    s.plan_version_id, p.key || ' v' || v.version, v.recurring_fee, s.started_at, s.ended_at
+               FROM subscriptions s JOIN customers c ON c.id = s.customer_id
+               JOIN plan_versions v ON v.id = s.plan_version_id JOIN plans p ON p.id = v.plan_id
+              WHERE s.tenant_id = $1 AND ($2::text IS NULL OR c.key = $2 OR c.id = $3)
+              ORDER BY c.key, s.started_at",
+            &[&tenant, &customer, &cid],
+        )
+        .await?;
+    rows.iter()
+        .map(|r| {
+            let tz: String = r.get(3);
+            let cur: String = r.get(6);
+            Ok(Sub {
+                id: r.get(0),
+                customer_id: r.get(1),
+                customer_key: r.get(2),
+                tz: tz
+                    .parse()
+                    .map_err(|_| anyhow::anyhow!("customer time zone {tz:?} is unknown"))?,
+                anchor_day: r.get::<_, i32>(4) as u32,
+                tax_region: r.get(5),
+                currency: Currency::from_code(&cur)?,
+                plan_version: r.get(7),
+                plan: r.get(8),
+                recurring_fee: r.get(9),
+                started_at: r.get(10),
+                ended_at: r.get(11),
+            })
+        })
+        .collect()
+}
+
+pub async fn load_prices(
+    db: &tokio_postgres::Client,
+    tenant: Uuid,
+    versions: &[Uuid],
+) -> anyhow::Result<HashMap<Uuid, Vec<MeterPrice>>> {
+    let rows = db
+        .query(
+            "SELECT pp.plan_version_id, pp.meter_id, m.slug, m.name, m.aggregation, pp.price
+               FROM plan_prices pp JOIN meters m ON m.id = pp.meter_id
+              WHERE pp.tenant_id = $1 AND pp.plan_version_id = ANY($2)
+              ORDER BY m.slug",
+            &[&tenant, &versions],
+        )
+        .await?;
+    let mut out: HashMap<Uuid, Vec<MeterPrice>> = HashMap::new();
+    for r in rows {
+        let price_json: Value = r.get(5);
+        let slug: String = r.get(2);
+        let agg: String = r.get(4);
+        out.entry(r.get(0)).or_default().push(MeterPrice {
+            meter: r.get(1),
+            name: r.get(3),
+            aggregation: agg
+                .parse()
+                .map_err(|e: String| anyhow::anyhow!("meter {slug}: {e}"))?,
+            price: Price::from_json(&price_json.to_string())
+                .with_context(|| format!("the stored price of meter {slug}"))?,
+            slug,
+            price_json,
+        });
+    }
+    Ok(out)
+}
+
+async fn load_tax(
+    db: &tokio_postgres::Client,
+    tenant: Uuid,
+) -> anyhow::Result<HashMap<String, TaxRate>> {
+    let rows = db
+        .query(
+            "SELECT region, rate, inclusive FROM tax_rates WHERE tenant_id = $1",
+            &[&tenant],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|r| {
+            let region: String = r.get(0);
+            (
+                region.clone(),
+                TaxRate {
+                    region,
+                    rate: r.get(1),
+                    inclusive: r.get(2),
+                },
+            )
+        })
+        .collect())
+}
+
+/// A span of one subscription in one period, as aggregated.
+#[derive(Debug, Clone)]
+struct SpanDef {
+    sub: usize,
+    period: YearMonth,
+}
+
+fn usage_line(
+    mp: &MeterPrice,
+    q: Decimal,
+    ps: DateTime<Utc>,
+    pe: DateTime<Utc>,
+) -> anyhow::Result<RatedLine> {
+    let b = mp
+        .price
+        .breakdown(q)
+        .with_context(|| format!("pricing meter {}", mp.slug))?;
+    let unit_price = (!b.billable_quantity.is_zero()).then(|| {
+        (b.usage_amount / b.billable_quantity)
+            .round_dp(8)
+            .normalize()
+    });
+    Ok(RatedLine {
+        kind: "usage",
+        meter: Some(mp.meter),
+        description: if mp.name.is_empty() {
+            mp.slug.clone()
+        } else {
+            mp.name.clone()
+        },
+        period_start: ps,
+        period_end: pe,
+        quantity: q.normalize(),
+        previous_quantity: None,
+        price: Some(mp.price_json.clone()),
+        unit_price,
+        tiers: json!({
+            "billableQuantity": b.billable_quantity.normalize().to_string(),
+            "tiers": b.tiers,
+            "minimumTrueUp": b.minimum_true_up.normalize().to_string(),
+            "maximumReduction": b.maximum_reduction.normalize().to_string(),
+        }),
+        amount: b.total,
+        discount: Decimal::ZERO,
+        tax: Decimal::ZERO,
+        total: Decimal::ZERO,
+    })
+}
+
+/// Prices the lines and computes totals (tax by the customer's region, rounded per line).
+fn finish(
+    tenant: Uuid,
+    sub: &Sub,
+    ym: YearMonth,
+    mut lines: Vec<RatedLine>,
+    tax: Option<&TaxRate>,
+) -> anyhow::Result<Rated> {
+    let inputs: Vec<LineInput> = lines
+        .iter()
+        .map(|l| LineInput {
+            description: l.description.clone(),
+            amount: l.amount,
+            tax: tax.cloned(),
+        })
+        .collect();
+    let t = invoice::compute(sub.currency, &inputs, None, TaxRounding::Line)?;
+    for (l, c) in lines.iter_mut().zip(&t.lines) {
+        l.amount = c.base;
+        l.discount = c.discount;
+        l.tax = c.tax;
+        l.total = c.gross;
+    }
+    let (ps, pe) = bounds(ym, sub.anchor_day, sub.tz);
+    let content = serde_json::to_vec(&(&lines, t.subtotal, t.tax, t.total))?;
+    Ok(Rated {
+        tenant,
+        subscription: sub.id,
+        customer: sub.customer_id,
+        customer_key: sub.customer_key.clone(),
+        period: ym.to_string(),
+        period_start: ps,
+        period_end: pe,
+        currency: sub.currency.code().to_string(),
+        lines,
+        subtotal: t.subtotal,
+        discount: t.discount,
+        tax: t.tax,
+        total: t.total,
+        sha256: Sha256::digest(&content).to_vec(),
+    })
+}
+
+/// The last quantity billed per (subscription, meter, period start) on issued or paid invoices.
+async fn billed(
+    db: &tokio_postgres::Client,
+    tenant: Uuid,
+    subs: &[Uuid],
+) -> anyhow::Result<HashMap<(Uuid, Uuid, DateTime<Utc>), Decimal>> {
+    let rows = db
+        .query(
+            "SELECT i.subscription_id, l.meter_id, l.period_start, l.quantity
+               FROM invoice_lines l JOIN invoices i ON i.id = l.invoice_id
+              WHERE i.tenant_id = $1 AND i.subscription_id = ANY($2)
+                AND i.status IN ('issued', 'paid') AND l.kind IN ('usage', 'correction')
+              ORDER BY i.issued_at, i.number, l.position",
+            &[&tenant, &subs],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|r| ((r.get(0), r.get(1), r.get(2)), r.get(3)))
+        .collect())
+}
+
+/// Rates one tenant's subscriptions for `ym` (and corrections of the periods before).
+pub async fn rate_tenant(
+    db: &tokio_postgres::Client,
+    tenant: Uuid,
+    ym: YearMonth,
+    customer: Option<&str>,
+    stats: &mut LoadStats,
+) -> anyhow::Result<Vec<Rated>> {
+    let subs = load_subs(db, tenant, customer).await?;
+    if subs.is_empty() {
+        return Ok(Vec::new());
+    }
+    let sub_ids: Vec<Uuid> = subs.iter().map(|s| s.id).collect();
+    let mut versions: Vec<Uuid> = subs.iter().map(|s| s.plan_version).collect();
+    versions.sort();
+    versions.dedup();
+    let prices = load_prices(db, tenant, &versions).await?;
+    let taxes = load_tax(db, tenant).await?;
+    let billed = billed(db, tenant, &sub_ids).await?;
+    let mut priors = Vec::new();
+    let mut p = ym;
+    for _ in 0..CORRECTION_PERIODS {
+        p = p.prev();
+        priors.push(p);
+    }
+    let prior_labels: Vec<String> = priors.iter().map(ToString::to_string).collect();
+    let issued: std::collections::HashSet<(Uuid, String)> = db
+        .query(
+            "SELECT subscription_id, period FROM invoices
+              WHERE tenant_id = $1 AND subscription_id = ANY($2) AND period = ANY($3)
+                AND status IN ('issued', 'paid')",
+            &[&tenant, &sub_ids, &prior_labels],
+        )
+        .await?
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+
+    // Subjects per customer.
+    let customers: Vec<Uuid> = subs.iter().map(|s| s.customer_id).collect();
+    let mut subjects: HashMap<Uuid, Vec<String>> = HashMap::new();
+    for r in db
+        .query(
+            "SELECT customer_id, subject FROM customer_subjects WHERE tenant_id = $1 AND customer_id = ANY($2)",
+            &[&tenant, &customers],
+        )
+        .await?
+    {
+        subjects.entry(r.get(0)).or_default().push(r.get(1));
+    }
+
+    let mut defs: Vec<SpanDef> = Vec::new();
+    let mut rows: Vec<SpanSubject> = Vec::new();
+    for (i, s) in subs.iter().enumerate() {
+        let periods = std::iter::once(ym).chain(
+            priors
+                .iter()
+                .copied()
+                .filter(|p| issued.contains(&(s.id, p.to_string()))),
+        );
+        for p in periods {
+            let Some((_, _, from, to)) = s.span(p) else {
+                continue;
+            };
+            let span = defs.len() as u32;
+            defs.push(SpanDef { sub: i, period: p });
+            for subject in subjects.get(&s.customer_id).into_iter().flatten() {
+                rows.push(SpanSubject {
+                    span,
+                    subject: subject.clone(),
+                    from,
+                    to,
+                });
+            }
+        }
+    }
+    let mut meters: Vec<(Uuid, Aggregation)> = prices
+        .values()
+        .flatten()
+        .map(|m| (m.meter, m.aggregation))
+        .collect();
+    meters.sort_by_key(|(m, _)| *m);
+    meters.dedup_by_key(|(m, _)| *m);
+    let aggs = aggregate(db, tenant, &meters, &rows, false, stats).await?;
+    let zero = Agg::default();
+
+    // Lines per subscription of the current period.
+    let mut lines: Vec<Vec<RatedLine>> = vec![Vec::new(); subs.len()];
+    let mut has_span = vec![false; subs.len()];
+    for (k, d) in defs.iter().enumerate() {
+        let s = &subs[d.sub];
+        let Some((ps, pe, from, to)) = s.span(d.period) else {
+            continue;
+        };
+        let no_prices = Vec::new();
+        let mps = prices.get(&s.plan_version).unwrap_or(&no_prices);
+        if d.period == ym {
+            has_span[d.sub] = true;
+            if !s.recurring_fee.is_zero() {
+                let amount = prorate(
+                    s.recurring_fee,
+                    Span::Seconds(ps, pe),
+                    Span::Seconds(from, to),
+                )?;
+                let partial = from != ps || to != pe;
+                lines[d.sub].push(RatedLine {
+                    kind: "recurring",
+                    meter: None,
+                    description: format!("{}{}", s.plan, if partial { " (prorated)" } else { "" }),
+                    period_start: from,
+                    period_end: to,
+                    quantity: Decimal::ONE,
+                    previous_quantity: None,
+                    price: Some(
+                        json!({"type": "flat", "amount": s.recurring_fee.normalize().to_string()}),
+                    ),
+                    unit_price: Some(amount),
+                    tiers: json!({}),
+                    amount,
+                    discount: Decimal::ZERO,
+                    tax: Decimal::ZERO,
+                    total: Decimal::ZERO,
+                });
+            }
+            for mp in mps {
+                let a = aggs.get(&(k as u32, mp.meter, None)).unwrap_or(&zero);
+                lines[d.sub].push(usage_line(mp, a.quantity(mp.aggregation), from, to)?);
+            }
+        } else {
+            for mp in mps {
+                let now = aggs
+                    .get(&(k as u32, mp.meter, None))
+                    .unwrap_or(&zero)
+                    .quantity(mp.aggregation)
+                    .normalize();
+                // Lines name the span start of the period they bill.
+                let before = billed
+                    .get(&(s.id, mp.meter, from))
+                    .copied()
+                    .unwrap_or_default()
+                    .normalize();
+                if now == before {
+                    continue;
+                }
+                let mut l = usage_line(mp, now, from, to)?;
+                let delta = mp.price.total(now)? - mp.price.total(before)?;
+                l.kind = "correction";
+                l.description = format!("{} — correction for {}", l.description, d.period);
+                l.previous_quantity = Some(before);
+                l.unit_price = None;
+                l.amount = delta;
+                lines[d.sub].push(l);
+            }
+        }
+    }
+    let mut out = Vec::new();
+    for (i, s) in subs.iter().enumerate() {
+        if !has_span[i] {
+            continue;
+        }
+        let mut ls = std::mem::take(&mut lines[i]);
+        // Corrections after the period's own lines.
+        ls.sort_by_key(|l| l.kind == "correction");
+        let tax = s.tax_region.as_ref().and_then(|r| taxes.get(r));
+        out.push(finish(tenant, s, ym, ls, tax)?);
+    }
+    Ok(out)
+}
+
+/// Writes rated invoices as drafts in one transaction; returns (written, unchanged, frozen).
+pub async fn write(
+    db: &mut tokio_postgres::Client,
+    rated: &[Rated],
+) -> anyhow::Result<(usize, usize, usize)> {
+    let tx = db.transaction().await?;
+    let (mut written, mut unchanged, mut frozen) = (0, 0, 0);
+    for r in rated {
+        let existing = tx
+            .query_opt(
+                "SELECT id, status, content_sha256 FROM invoices
+                  WHERE subscription_id = $1 AND period = $2 FOR UPDATE",
+                &[&r.subscription, &r.period],
+            )
+            .await?;
+        let id: Uuid = match existing {
+            Some(row) => {
+                let status: String = row.get(1);
+                if status != "draft" {
+                    frozen += 1;
+                    continue;
+                }
+                if row.get::<_, Vec<u8>>(2) == r.sha256 {
+                    unchanged += 1;
+                    continue;
+                }
+                let id: Uuid = row.get(0);
+                tx.execute(
+                    "UPDATE invoices SET subtotal = $2, discount = $3, tax = $4, total = $5,
+                            content_sha256 = $6, period_start = $7, period_end = $8, updated_at = now()
+                      WHERE id = $1",
+                    &[&id, &r.subtotal, &r.discount, &r.tax, &r.total, &r.sha256, &r.period_start, &r.period_end],
+                )
+                .await?;
+                tx.execute("DELETE FROM invoice_lines WHERE invoice_id = $1", &[&id])
+                    .await?;
+                id
+            }
+            None => tx
+                .query_one(
+                    "INSERT INTO invoices (tenant_id, customer_id, subscription_id, period, period_start,
+                            period_end, currency, subtotal, discount, tax, total, content_sha256)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) RETURNING id",
+                    &[
+                        &r.tenant, &r.customer, &r.subscription, &r.period, &r.period_start,
+                        &r.period_end, &r.currency, &r.subtotal, &r.discount, &r.tax, &r.total, &r.sha256,
+                    ],
+                )
+                .await?
+                .get(0),
+        };
+        let insert = tx
+            .prepare(
+                "INSERT INTO invoice_lines (invoice_id, position, tenant_id, kind, meter_id, description,
+                        period_start, period_end, quantity, previous_quantity, price, unit_price, tiers,
+                        amount, discount, tax, total)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)",
+            )
+            .await?;
+        for (pos, l) in r.lines.iter().enumerate() {
+            tx.execute(
+                &insert,
+                &[
+                    &id,
+                    &(pos as i32 + 1),
+                    &r.tenant,
+                    &l.kind,
+                    &l.meter,
+                    &l.description,
+                    &l.period_start,
+                    &l.period_end,
+                    &l.quantity,
+                    &l.previous_quantity,
+                    &l.price,
+                    &l.unit_price,
+                    &l.tiers,
+                    &l.amount,
+                    &l.discount,
+                    &l.tax,
+                    &l.total,
+                ],
+            )
+            .await?;
+        }
+        written += 1;
+    }
+    tx.commit().await?;
+    Ok((written, unchanged, frozen))
+}
+
+async fn tenants(db: &tokio_postgres::Client, only: Option<Uuid>) -> anyhow::Result<Vec<Uuid>> {
+    Ok(db
+        .query(
+            "SELECT DISTINCT tenant_id FROM subscriptions WHERE ($1::uuid IS NULL OR tenant_id = $1) ORDER BY 1",
+            &[&only],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect())
+}
+
+/// Runs the rating job.
+pub async fn run(
+    db: &mut tokio_postgres::Client,
+    opts: &Options,
+    quiet: bool,
+) -> anyhow::Result<Summary> {
+    let started = Instant::now();
+    let progress = Progress::new(quiet);
+    let mut sum = Summary::default();
+    let mut stats = LoadStats::default();
+    for tenant in tenants(db, opts.tenant).await? {
+        let rated = rate_tenant(
+            db,
+            tenant,
+            opts.period,
+            opts.customer.as_deref(),
+            &mut stats,
+        )
+        .await?;
+        if rated.is_empty() {
+            continue;
+        }
+        progress.tenant(tenant, rated.len(), quiet);
+        sum.tenants += 1;
+        let mut cs: Vec<Uuid> = rated.iter().map(|r| r.customer).collect();
+        cs.sort();
+        cs.dedup();
+        sum.customers += cs.len();
+        for r in &rated {
+            sum.lines += r.lines.len();
+            sum.corrections += r.lines.iter().filter(|l| l.kind == "correction").count();
+            *sum.totals.entry(r.currency.clone()).or_default() += r.total;
+        }
+        if !opts.dry_run {
+            let (w, u, f) = write(db, &rated).await?;
+            sum.invoices_written += w;
+            sum.invoices_unchanged += u;
+            sum.invoices_frozen += f;
+        }
+        progress.done(rated.len());
+        sum.invoices.extend(rated);
+    }
+    progress.finish();
+    sum.usage_rows = stats.rows;
+    sum.elapsed = started.elapsed();
+    Ok(sum)
+}
+
+/// Issues the drafts of `period` (whose period has ended, unless `early`), numbering them per
+/// tenant without gaps; returns (invoice id, tenant, number).
+pub async fn issue(
+    db: &mut tokio_postgres::Client,
+    period: YearMonth,
+    tenant: Option<Uuid>,
+    customer: Option<&str>,
+    early: bool,
+) -> anyhow::Result<Vec<(Uuid, Uuid, i64)>> {
+    let tx = db.transaction().await?;
+    let drafts = tx
+        .query(
+            "SELECT i.id, i.tenant_id, i.period_end FROM invoices i JOIN customers c ON c.id = i.customer_id
+              WHERE i.period = $1 AND i.status = 'draft' AND ($2::uuid IS NULL OR i.tenant_id = $2)
+                AND ($3::text IS NULL OR c.key = $3)
+              ORDER BY i.tenant_id, c.key, i.period_start
+              FOR UPDATE OF i",
+            &[&period.to_string(), &tenant, &customer],
+        )
+        .await?;
+    let mut out = Vec::new();
+    for d in drafts {
+        let end: DateTime<Utc> = d.get(2);
+        if !early && end > Utc::now() {
+            bail!(
+                "period {period} has not ended for invoice {} (ends {end}); pass --early to issue it anyway",
+                d.get::<_, Uuid>(0)
+            );
+        }
+        let tenant: Uuid = d.get(1);
+        let n: i64 = tx
+            .query_one(
+                "INSERT INTO invoice_counters (tenant_id, last_number) VALUES ($1, 1)
+                 ON CONFLICT (tenant_id) DO UPDATE SET last_number = invoice_counters.last_number + 1
+                 RETURNING last_number",
+                &[&tenant],
+            )
+            .await?
+            .get(0);
+        tx.execute(
+            "UPDATE invoices SET status = 'issued', number = $2, issued_at = now(), updated_at = now() WHERE id = $1",
+            &[&d.get::<_, Uuid>(0), &n],
+        )
+        .await?;
+        out.push((d.get(0), tenant, n));
+    }
+    tx.commit().await?;
+    Ok(out)
+}
+
+/// One difference found by [`reconcile`].
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Difference {
+    pub invoice: Uuid,
+    pub customer: String,
+    pub what: String,
+    pub expected: String,
+    pub found: String,
+}
+
+/// Checks every invoice of `period`: total = Σ line totals, subtotal = Σ amounts, tax = Σ taxes;
+/// each usage line's amount = its price applied to its quantity, rounded; and each line's
+/// quantity = the usage stored now (for an issued invoice, a difference is a pending correction).
+pub async fn reconcile(
+    db: &tokio_postgres::Client,
+    period: YearMonth,
+    tenant: Option<Uuid>,
+) -> anyhow::Result<(usize, Vec<Difference>)> {
+    let mut diffs = Vec::new();
+    let mut checked = 0;
+    let mut stats = LoadStats::default();
+    for t in tenants(db, tenant).await? {
+        let rated = rate_tenant(db, t, period, None, &mut stats).await?;
+        let now: HashMap<Uuid, &Rated> = rated.iter().map(|r| (r.subscription, r)).collect();
+        let invoices = db
+            .query(
+                "SELECT i.id, c.key, i.subscription_id, i.currency, i.subtotal, i.tax, i.total, i.status
+                   FROM invoices i JOIN customers c ON c.id = i.customer_id
+                  WHERE i.tenant_id = $1 AND i.period = $2 AND i.status <> 'void'",
+                &[&t, &period.to_string()],
+            )
+            .await?;
+        for inv in invoices {
+            checked += 1;
+            let id: Uuid = inv.get(0);
+            let customer: String = inv.get(1);
+            let currency = Currency::from_str(&inv.get::<_, String>(3))?;
+            let mut diff = |what: String, expected: Decimal, found: Decimal| {
+                if expected != found {
+                    diffs.push(Difference {
+                        invoice: id,
+                        customer: customer.clone(),
+                        what,
+                        expected: expected.normalize().to_string(),
+                        found: found.normalize().to_string(),
+                    });
+                }
+            };
+            let lines = db
+                .query(
+                    "SELECT kind, meter_id, quantity, price, amount, tax, total, description, previous_quantity
+                       FROM invoice_lines WHERE invoice_id = $1 ORDER BY position",
+                    &[&id],
+                )
+                .await?;
+            let s = |i: usize| {
+                lines
+                    .iter()
+                    .map(move |l| l.get::<_, Decimal>(i))
+                    .sum::<Decimal>()
+            };
+            diff("total = Σ line totals".into(), s(6), inv.get(6));
+            diff("subtotal = Σ line amounts".into(), s(4), inv.get(4));
+            diff("tax = Σ line taxes".into(), s(5), inv.get(5));
+            let current = now.get(&inv.get::<_, Uuid>(2));
+            for l in &lines {
+                let kind: String = l.get(0);
+                let desc: String = l.get(7);
+                if kind != "usage" {
+                    continue;
+                }
+                let q: Decimal = l.get(2);
+                let price: Value = l.get(3);
+                let price = Price::from_json(&price.to_string())?;
+                let expected = billing_core::money::round_line(price.total(q)?, currency);
+                diff(
+                    format!("{desc}: amount = price × quantity"),
+                    expected,
+                    l.get(4),
+                );
+                let meter: Option<Uuid> = l.get(1);
+                let stored = current
+                    .and_then(|r| {
+                        r.lines
+                            .iter()
+                            .find(|x| x.kind == "usage" && x.meter == meter)
+                    })
+                    .map(|x| x.quantity);
+                if let Some(stored) = stored {
+                    diff(format!("{desc}: quantity = stored usage"), stored, q);
+                }
+            }
+        }
+    }
+    Ok((checked, diffs))
+}

@@ -1,0 +1,558 @@
+//! Usage per span: loads a tenant's stored rollups from PostgreSQL into Arrow record batches and
+//! aggregates them per (span, meter[, group]) with DataFusion.
+//!
+//! A span is a subscription's share of a billing period, `[from, to)`, on the subjects that
+//! belong to its customer. Each minute of usage is counted once, from the coarsest stored grain
+//! that lies wholly inside the span: whole UTC days from `usage_day`, the remaining whole hours
+//! of a span's first and last day from `usage_hour`, the remaining minutes of its first and last
+//! hour from `usage_minute` (only those days and hours are loaded at the finer grains). The same
+//! rule serves UNIQUE_COUNT from the `usage_unique_*` tables, counting distinct values over the
+//! whole span — exact over any range.
+//!
+//! Quantities are exact decimals: Arrow `Decimal128(38, 16)` on the way through DataFusion
+//! (a stored value with more than 16 decimal places is refused, never rounded).
+
+use anyhow::{bail, Context};
+use arrow::array::{
+    Array, ArrayRef, Decimal128Array, Decimal128Builder, Int64Array, Int64Builder, StringArray,
+    StringBuilder, UInt32Array,
+};
+use arrow::datatypes::{DataType, Field, Schema};
+use arrow::record_batch::RecordBatch;
+use chrono::{DateTime, Utc};
+use datafusion::datasource::MemTable;
+use datafusion::prelude::SessionContext;
+use rust_decimal::Decimal;
+use schemas::meter::Aggregation;
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+use uuid::Uuid;
+
+use crate::period::ceil_minute;
+
+/// Scale of quantities inside Arrow/DataFusion.
+pub const SCALE: i8 = 16;
+const DAY: i64 = 86_400;
+const HOUR: i64 = 3_600;
+const MINUTE: i64 = 60;
+/// Rows per Arrow batch.
+const BATCH: usize = 65_536;
+
+/// A span to aggregate: the caller's index, one subject, `[from, to)`.
+#[derive(Debug, Clone)]
+pub struct SpanSubject {
+    pub span: u32,
+    pub subject: String,
+    pub from: DateTime<Utc>,
+    pub to: DateTime<Utc>,
+}
+
+/// What the rollups hold for one (span, meter, group) over the span.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Agg {
+    pub sum: Decimal,
+    pub count: i64,
+    pub min: Option<Decimal>,
+    pub max: Option<Decimal>,
+    pub latest: Option<Decimal>,
+    pub unique: i64,
+}
+
+impl Agg {
+    /// The billable quantity under `aggregation` (AVG of nothing is zero).
+    pub fn quantity(&self, aggregation: Aggregation) -> Decimal {
+        match aggregation {
+            Aggregation::Sum => self.sum,
+            Aggregation::Count => Decimal::from(self.count),
+            Aggregation::Avg => {
+                if self.count == 0 {
+                    Decimal::ZERO
+                } else {
+                    self.sum / Decimal::from(self.count)
+                }
+            }
+            Aggregation::Min => self.min.unwrap_or_default(),
+            Aggregation::Max => self.max.unwrap_or_default(),
+            Aggregation::Latest => self.latest.unwrap_or_default(),
+            Aggregation::UniqueCount => Decimal::from(self.unique),
+        }
+    }
+}
+
+/// Key of an aggregate: (span, meter, group values as JSON text when grouped).
+pub type AggKey = (u32, Uuid, Option<String>);
+
+/// Counters of one aggregation, for the job summary and the benchmark.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LoadStats {
+    pub rows: u64,
+}
+
+/// Decimal → i128 at [`SCALE`], refusing values that would need rounding.
+pub fn to_scaled(d: Decimal) -> anyhow::Result<i128> {
+    let scale = d.scale() as i32;
+    let m = d.mantissa();
+    if scale <= SCALE as i32 {
+        m.checked_mul(10i128.pow((SCALE as i32 - scale) as u32))
+            .context("quantity too large")
+    } else {
+        let div = 10i128.pow((scale - SCALE as i32) as u32);
+        if m % div != 0 {
+            bail!("stored value {d} has more than {SCALE} decimal places");
+        }
+        Ok(m / div)
+    }
+}
+
+/// i128 at `scale` → Decimal (trailing zeros dropped when the mantissa is too wide).
+pub fn from_scaled(mut v: i128, mut scale: u32) -> anyhow::Result<Decimal> {
+    const MAX: i128 = 79_228_162_514_264_337_593_543_950_335;
+    while v.abs() > MAX && scale > 0 && v % 10 == 0 {
+        v /= 10;
+        scale -= 1;
+    }
+    Decimal::try_from_i128_with_scale(v, scale)
+        .map(|d| d.normalize())
+        .map_err(|_| anyhow::anyhow!("quantity {v}e-{scale} exceeds the decimal range"))
+}
+
+fn secs(t: DateTime<Utc>) -> i64 {
+    t.timestamp()
+}
+
+fn ts(s: i64) -> DateTime<Utc> {
+    DateTime::from_timestamp(s, 0).unwrap_or_default()
+}
+
+/// Which days and hours must be read at the finer grains.
+fn edges(spans: &[SpanSubject]) -> (Vec<DateTime<Utc>>, Vec<DateTime<Utc>>) {
+    let mut days = BTreeSet::new();
+    let mut hours = BTreeSet::new();
+    for s in spans {
+        for b in [secs(ceil_minute(s.from)), secs(ceil_minute(s.to))] {
+            if b.rem_euclid(DAY) != 0 {
+                days.insert(b - b.rem_euclid(DAY));
+            }
+            if b.rem_euclid(HOUR) != 0 {
+                hours.insert(b - b.rem_euclid(HOUR));
+            }
+        }
+    }
+    (
+        days.into_iter().map(ts).collect(),
+        hours.into_iter().map(ts).collect(),
+    )
+}
+
+struct Builders {
+    subject: StringBuilder,
+    meter: StringBuilder,
+    group: StringBuilder,
+    ws: Int64Builder,
+    grain: Int64Builder,
+    sum: Decimal128Builder,
+    count: Int64Builder,
+    min: Decimal128Builder,
+    max: Decimal128Builder,
+    latest: Decimal128Builder,
+    latest_t: Int64Builder,
+    value: StringBuilder,
+    len: usize,
+}
+
+fn dec_builder() -> Decimal128Builder {
+    Decimal128Builder::new()
+        .with_precision_and_scale(38, SCALE)
+        .expect("valid decimal type")
+}
+
+impl Builders {
+    fn new() -> Self {
+        Builders {
+            subject: StringBuilder::new(),
+            meter: StringBuilder::new(),
+            group: StringBuilder::new(),
+            ws: Int64Builder::new(),
+            grain: Int64Builder::new(),
+            sum: dec_builder(),
+            count: Int64Builder::new(),
+            min: dec_builder(),
+            max: dec_builder(),
+            latest: dec_builder(),
+            latest_t: Int64Builder::new(),
+            value: StringBuilder::new(),
+            len: 0,
+        }
+    }
+
+    fn opt(b: &mut Decimal128Builder, d: Option<Decimal>) -> anyhow::Result<()> {
+        match d {
+            Some(d) => b.append_value(to_scaled(d)?),
+            None => b.append_null(),
+        }
+        Ok(())
+    }
+
+    fn push(&mut self, r: &tokio_postgres::Row, grain: i64, unique: bool) -> anyhow::Result<()> {
+        self.subject.append_value(r.get::<_, &str>(0));
+        self.meter.append_value(r.get::<_, Uuid>(1).to_string());
+        self.ws
+            .append_value(r.get::<_, DateTime<Utc>>(2).timestamp());
+        self.group.append_value(r.get::<_, &str>(3));
+        self.grain.append_value(grain);
+        if unique {
+            self.value.append_value(r.get::<_, &str>(4));
+        } else {
+            self.sum.append_value(to_scaled(r.get(4))?);
+            self.count.append_value(r.get(5));
+            Self::opt(&mut self.min, r.get(6))?;
+            Self::opt(&mut self.max, r.get(7))?;
+            Self::opt(&mut self.latest, r.get(8))?;
+            self.latest_t.append_option(
+                r.get::<_, Option<DateTime<Utc>>>(9)
+                    .map(|t| t.timestamp() * 1_000_000 + i64::from(t.timestamp_subsec_micros())),
+            );
+        }
+        self.len += 1;
+        Ok(())
+    }
+
+    fn finish(&mut self, schema: &Arc<Schema>, unique: bool) -> anyhow::Result<RecordBatch> {
+        let mut cols: Vec<ArrayRef> = vec![
+            Arc::new(self.subject.finish()),
+            Arc::new(self.meter.finish()),
+            Arc::new(self.group.finish()),
+            Arc::new(self.ws.finish()),
+            Arc::new(self.grain.finish()),
+        ];
+        if unique {
+            cols.push(Arc::new(self.value.finish()));
+        } else {
+            cols.push(Arc::new(
+                self.sum.finish().with_precision_and_scale(38, SCALE)?,
+            ));
+            cols.push(Arc::new(self.count.finish()));
+            cols.push(Arc::new(
+                self.min.finish().with_precision_and_scale(38, SCALE)?,
+            ));
+            cols.push(Arc::new(
+                self.max.finish().with_precision_and_scale(38, SCALE)?,
+            ));
+            cols.push(Arc::new(
+                self.latest.finish().with_precision_and_scale(38, SCALE)?,
+            ));
+            cols.push(Arc::new(self.latest_t.finish()));
+        }
+        self.len = 0;
+        Ok(RecordBatch::try_new(schema.clone(), cols)?)
+    }
+}
+
+fn usage_schema(unique: bool) -> Arc<Schema> {
+    let dec = DataType::Decimal128(38, SCALE);
+    let mut f = vec![
+        Field::new("subject", DataType::Utf8, false),
+        Field::new("meter", DataType::Utf8, false),
+        Field::new("grp", DataType::Utf8, false),
+        Field::new("ws", DataType::Int64, false),
+        Field::new("grain", DataType::Int64, false),
+    ];
+    if unique {
+        f.push(Field::new("value", DataType::Utf8, false));
+    } else {
+        f.push(Field::new("sum_value", dec.clone(), false));
+        f.push(Field::new("event_count", DataType::Int64, false));
+        f.push(Field::new("min_value", dec.clone(), true));
+        f.push(Field::new("max_value", dec.clone(), true));
+        f.push(Field::new("latest_value", dec, true));
+        f.push(Field::new("latest_t", DataType::Int64, true));
+    }
+    Arc::new(Schema::new(f))
+}
+
+/// Reads the rows of one table kind (aggregates or distinct values) at all three grains.
+async fn load(
+    db: &tokio_postgres::Client,
+    tenant: Uuid,
+    meters: &[Uuid],
+    subjects: Option<&[String]>,
+    range: (DateTime<Utc>, DateTime<Utc>),
+    edge_days: &[DateTime<Utc>],
+    edge_hours: &[DateTime<Utc>],
+    unique: bool,
+    stats: &mut LoadStats,
+) -> anyhow::Result<Vec<RecordBatch>> {
+    let schema = usage_schema(unique);
+    let (table, cols) = if unique {
+        ("usage_unique", "value")
+    } else {
+        (
+            "usage",
+            "sum_value, event_count, min_value, max_value, latest_value, latest_time",
+        )
+    };
+    let subjects: Option<Vec<String>> = subjects.map(<[String]>::to_vec);
+    let mut out = Vec::new();
+    let mut b = Builders::new();
+    let base = format!(
+        "SELECT u.subject, u.meter_id, u.window_start, u.group_values::text, {cols} FROM {table}_"
+    );
+    let filter =
+        "u.tenant_id = $1 AND u.meter_id = ANY($2) AND ($3::text[] IS NULL OR u.subject = ANY($3))";
+    let queries: [(String, i64, &[DateTime<Utc>]); 3] = [
+        (
+            format!("{base}day u WHERE {filter} AND u.window_start >= $4 AND u.window_start < $5"),
+            DAY,
+            &[],
+        ),
+        (
+            format!(
+                "{base}hour u JOIN unnest($4::timestamptz[]) e(t)
+                   ON u.window_start >= e.t AND u.window_start < e.t + interval '24 hours' WHERE {filter}"
+            ),
+            HOUR,
+            edge_days,
+        ),
+        (
+            format!(
+                "{base}minute u JOIN unnest($4::timestamptz[]) e(t)
+                   ON u.window_start >= e.t AND u.window_start < e.t + interval '1 hour' WHERE {filter}"
+            ),
+            MINUTE,
+            edge_hours,
+        ),
+    ];
+    for (sql, grain, edges) in queries {
+        let rows = if grain == DAY {
+            db.query(&sql, &[&tenant, &meters, &subjects, &range.0, &range.1])
+                .await
+        } else {
+            if edges.is_empty() {
+                continue;
+            }
+            db.query(&sql, &[&tenant, &meters, &subjects, &edges]).await
+        }
+        .with_context(|| format!("reading {table} rows at grain {grain}s"))?;
+        for r in &rows {
+            b.push(r, grain, unique)?;
+            if b.len == BATCH {
+                out.push(b.finish(&schema, unique)?);
+            }
+        }
+        stats.rows += rows.len() as u64;
+    }
+    if b.len > 0 || out.is_empty() {
+        out.push(b.finish(&schema, unique)?);
+    }
+    Ok(out)
+}
+
+fn spans_batch(spans: &[SpanSubject]) -> anyhow::Result<RecordBatch> {
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("span", DataType::UInt32, false),
+        Field::new("subject", DataType::Utf8, false),
+        Field::new("f", DataType::Int64, false),
+        Field::new("t", DataType::Int64, false),
+    ]));
+    let cols: Vec<ArrayRef> = vec![
+        Arc::new(UInt32Array::from_iter_values(spans.iter().map(|s| s.span))),
+        Arc::new(StringArray::from_iter_values(
+            spans.iter().map(|s| s.subject.as_str()),
+        )),
+        Arc::new(Int64Array::from_iter_values(
+            spans.iter().map(|s| secs(ceil_minute(s.from))),
+        )),
+        Arc::new(Int64Array::from_iter_values(
+            spans.iter().map(|s| secs(ceil_minute(s.to))),
+        )),
+    ];
+    Ok(RecordBatch::try_new(schema, cols)?)
+}
+
+/// A row counts when its window lies inside the span and no coarser stored window that holds
+/// it does (that one counts instead).
+const INSIDE: &str = "
+       (u.grain = 86400 AND u.ws >= s.f AND u.ws + 86400 <= s.t)
+    OR (u.grain = 3600 AND u.ws >= s.f AND u.ws + 3600 <= s.t
+        AND NOT (u.ws - (u.ws % 86400) >= s.f AND u.ws - (u.ws % 86400) + 86400 <= s.t))
+    OR (u.grain = 60 AND u.ws >= s.f AND u.ws < s.t
+        AND NOT (u.ws - (u.ws % 3600) >= s.f AND u.ws - (u.ws % 3600) + 3600 <= s.t))";
+
+fn dec_at(a: &Decimal128Array, i: usize) -> anyhow::Result<Option<Decimal>> {
+    if a.is_null(i) {
+        return Ok(None);
+    }
+    from_scaled(a.value(i), a.scale() as u32).map(Some)
+}
+
+fn col<'a, T: 'static>(b: &'a RecordBatch, name: &str) -> anyhow::Result<&'a T> {
+    b.column_by_name(name)
+        .and_then(|c| c.as_any().downcast_ref::<T>())
+        .with_context(|| format!("result column {name} has an unexpected type"))
+}
+
+/// Aggregates the usage of `meters` (id, aggregation) over `spans` for one tenant; with
+/// `by_group`, per group-by values too. Spans with no usage have no entry.
+pub async fn aggregate(
+    db: &tokio_postgres::Client,
+    tenant: Uuid,
+    meters: &[(Uuid, Aggregation)],
+    spans: &[SpanSubject],
+    by_group: bool,
+    stats: &mut LoadStats,
+) -> anyhow::Result<HashMap<AggKey, Agg>> {
+    let mut out: HashMap<AggKey, Agg> = HashMap::new();
+    if spans.is_empty() || meters.is_empty() {
+        return Ok(out);
+    }
+    let from = spans.iter().map(|s| s.from).min().unwrap_or_default();
+    let to = spans.iter().map(|s| s.to).max().unwrap_or_default();
+    let (edge_days, edge_hours) = edges(spans);
+    let distinct: BTreeSet<&str> = spans.iter().map(|s| s.subject.as_str()).collect();
+    // A short subject list narrows the scan; a long one costs more to match than to join.
+    let subjects: Option<Vec<String>> =
+        (distinct.len() <= 1000).then(|| distinct.iter().map(|s| s.to_string()).collect());
+    let plain: Vec<Uuid> = meters
+        .iter()
+        .filter(|(_, a)| *a != Aggregation::UniqueCount)
+        .map(|(m, _)| *m)
+        .collect();
+    let uniq: Vec<Uuid> = meters
+        .iter()
+        .filter(|(_, a)| *a == Aggregation::UniqueCount)
+        .map(|(m, _)| *m)
+        .collect();
+
+    let ctx = SessionContext::new();
+    let sb = spans_batch(spans)?;
+    ctx.register_table(
+        "spans",
+        Arc::new(MemTable::try_new(sb.schema(), vec![vec![sb]])?),
+    )?;
+    let group = if by_group { ", u.grp" } else { "" };
+    let group_sel = if by_group {
+        ", u.grp AS grp"
+    } else {
+        ", '' AS grp"
+    };
+
+    if !plain.is_empty() {
+        let batches = load(
+            db,
+            tenant,
+            &plain,
+            subjects.as_deref(),
+            (from, to),
+            &edge_days,
+            &edge_hours,
+            false,
+            stats,
+        )
+        .await?;
+        ctx.register_table(
+            "usage",
+            Arc::new(MemTable::try_new(usage_schema(false), vec![batches])?),
+        )?;
+        let df = ctx
+            .sql(&format!(
+                "SELECT s.span AS span, u.meter AS meter{group_sel},
+                        sum(u.sum_value) AS sum_value, sum(u.event_count) AS event_count,
+                        min(u.min_value) AS min_value, max(u.max_value) AS max_value,
+                        last_value(u.latest_value ORDER BY u.latest_t) AS latest_value
+                   FROM usage u JOIN spans s ON u.subject = s.subject
+                  WHERE {INSIDE}
+                  GROUP BY s.span, u.meter{group}"
+            ))
+            .await?;
+        for b in df.collect().await? {
+            let span = col::<UInt32Array>(&b, "span")?;
+            let meter = col::<StringArray>(&b, "meter")?;
+            let grp = col::<StringArray>(&b, "grp")?;
+            let sum = col::<Decimal128Array>(&b, "sum_value")?;
+            let count = col::<Int64Array>(&b, "event_count")?;
+            let min = col::<Decimal128Array>(&b, "min_value")?;
+            let max = col::<Decimal128Array>(&b, "max_value")?;
+            let latest = col::<Decimal128Array>(&b, "latest_value")?;
+            for i in 0..b.num_rows() {
+                let key = (
+                    span.value(i),
+                    Uuid::parse_str(meter.value(i))?,
+                    by_group.then(|| grp.value(i).to_string()),
+                );
+                let a = out.entry(key).or_default();
+                a.sum = dec_at(sum, i)?.unwrap_or_default();
+                a.count = count.value(i);
+                a.min = dec_at(min, i)?;
+                a.max = dec_at(max, i)?;
+                a.latest = dec_at(latest, i)?;
+            }
+        }
+    }
+    if !uniq.is_empty() {
+        let batches = load(
+            db,
+            tenant,
+            &uniq,
+            subjects.as_deref(),
+            (from, to),
+            &edge_days,
+            &edge_hours,
+            true,
+            stats,
+        )
+        .await?;
+        ctx.register_table(
+            "uniq",
+            Arc::new(MemTable::try_new(usage_schema(true), vec![batches])?),
+        )?;
+        let df = ctx
+            .sql(&format!(
+                "SELECT s.span AS span, u.meter AS meter{group_sel}, count(DISTINCT u.value) AS n
+                   FROM uniq u JOIN spans s ON u.subject = s.subject
+                  WHERE {INSIDE}
+                  GROUP BY s.span, u.meter{group}"
+            ))
+            .await?;
+        for b in df.collect().await? {
+            let span = col::<UInt32Array>(&b, "span")?;
+            let meter = col::<StringArray>(&b, "meter")?;
+            let grp = col::<StringArray>(&b, "grp")?;
+            let n = col::<Int64Array>(&b, "n")?;
+            for i in 0..b.num_rows() {
+                let key = (
+                    span.value(i),
+                    Uuid::parse_str(meter.value(i))?,
+                    by_group.then(|| grp.value(i).to_string()),
+                );
+                out.entry(key).or_default().unique = n.value(i);
+            }
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::str::FromStr;
+
+    #[test]
+    fn scaling_is_exact_or_refused() {
+        let d = Decimal::from_str("123.4567").expect("decimal");
+        let v = to_scaled(d).expect("fits");
+        assert_eq!(from_scaled(v, SCALE as u32).expect("back"), d);
+        let fine = Decimal::from_str("0.12345678901234567").expect("decimal");
+        assert!(to_scaled(fine).is_err());
+        let trailing = Decimal::from_str("1.10000000000000000000").expect("decimal");
+        assert_eq!(
+            from_scaled(to_scaled(trailing).expect("fits"), SCALE as u32).expect("back"),
+            Decimal::from_str("1.1").expect("decimal")
+        );
+        // Wider than rust_decimal at scale 16, but whole: kept exactly.
+        let big: i128 = 10i128.pow(13) * 10i128.pow(16);
+        assert_eq!(
+            from_scaled(big, SCALE as u32).expect("fits"),
+            Decimal::from(10u64.pow(13))
+        );
+    }
+}
