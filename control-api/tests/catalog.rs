@@ -1,0 +1,354 @@
+//! Plans, tax rates, customers, subscriptions and invoices through the HTTP API, against the real
+//! PostgreSQL: shapes, validation naming the field, conflicts, scopes and tenant isolation.
+
+use control_api::keys::{create_key, create_tenant, NewKey};
+use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_util::sync::CancellationToken;
+
+struct Api {
+    addr: std::net::SocketAddr,
+    admin: String,
+    reader: String,
+    other: String,
+    _stop: tokio_util::sync::DropGuard,
+}
+
+async fn key(db: &tokio_postgres::Client, tenant: uuid::Uuid, scopes: &[&str]) -> String {
+    create_key(
+        db,
+        tenant,
+        NewKey {
+            name: "test".into(),
+            scopes: scopes.iter().map(|s| s.to_string()).collect(),
+            allowed_cidrs: None,
+            rate_limit_rps: None,
+            rate_limit_eps: None,
+        },
+    )
+    .await
+    .expect("key")
+    .key
+}
+
+impl Api {
+    async fn start() -> Api {
+        let (url, db) = schemas::testing::fresh_database().await;
+        let t = create_tenant(&db, "catalog").await.expect("tenant");
+        let o = create_tenant(&db, "other").await.expect("tenant");
+        let stop = CancellationToken::new();
+        let run =
+            control_api::http::start("127.0.0.1:0".parse().expect("addr"), &url, stop.clone())
+                .await
+                .expect("control-api");
+        Api {
+            addr: run.addr,
+            admin: key(&db, t.id, &["admin"]).await,
+            reader: key(&db, t.id, &["read"]).await,
+            other: key(&db, o.id, &["admin"]).await,
+            _stop: stop.drop_guard(),
+        }
+    }
+
+    async fn call(&self, method: &str, path: &str, key: &str, body: Option<Value>) -> (u16, Value) {
+        let body = body.map(|b| b.to_string()).unwrap_or_default();
+        let req = format!(
+            "{method} {path} HTTP/1.1\r\nhost: test\r\nauthorization: Bearer {key}\r\n\
+             content-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        let mut s = tokio::net::TcpStream::connect(self.addr)
+            .await
+            .expect("connect");
+        s.write_all(req.as_bytes()).await.expect("write");
+        let mut out = Vec::new();
+        s.read_to_end(&mut out).await.expect("read");
+        let text = String::from_utf8_lossy(&out).to_string();
+        let status: u16 = text[9..12].parse().expect("status");
+        let (_, payload) = text.split_once("\r\n\r\n").expect("head");
+        // Chunked or not: the JSON is the part between the first `{`/`[` and the last `}`/`]`.
+        let json = match (payload.find(['{', '[']), payload.rfind(['}', ']'])) {
+            (Some(a), Some(b)) => serde_json::from_str(&payload[a..=b]).unwrap_or(Value::Null),
+            _ => Value::Null,
+        };
+        (status, json)
+    }
+}
+
+async fn meter(api: &Api, slug: &str, agg: &str) {
+    let mut m = json!({"slug": slug, "eventType": slug, "aggregation": agg});
+    if agg != "COUNT" {
+        m["valueProperty"] = json!("$.value");
+    }
+    let (s, b) = api
+        .call("POST", "/api/v1/meters", &api.admin, Some(m))
+        .await;
+    assert_eq!(s, 201, "{b}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn catalog_customers_and_subscriptions() {
+    let api = Api::start().await;
+    meter(&api, "tokens", "SUM").await;
+    meter(&api, "requests", "COUNT").await;
+    let plan = json!({
+        "key": "pro", "name": "Pro", "tier": "pro", "currency": "EUR", "recurringFee": "49",
+        "prices": [
+            {"meter": "tokens", "price": {"type": "tiered", "mode": "graduated", "tiers": [
+                {"upToAmount": "1000000", "unitPrice": {"type": "unit", "amount": "0.000002"}},
+                {"unitPrice": {"type": "unit", "amount": "0.000001"}}]}, "entitlement": "5000000"},
+            {"meter": "requests", "price": {"type": "unit", "amount": "0.001"}}
+        ]
+    });
+    let (s, p) = api
+        .call("POST", "/api/v1/plans", &api.admin, Some(plan.clone()))
+        .await;
+    assert_eq!(s, 201, "{p}");
+    assert_eq!(p["key"], "pro");
+    assert_eq!(p["versions"][0]["version"], 1);
+    assert_eq!(p["versions"][0]["recurringFee"], "49");
+    assert_eq!(p["versions"][0]["prices"].as_array().map(Vec::len), Some(2));
+    let (s, b) = api
+        .call("POST", "/api/v1/plans", &api.admin, Some(plan))
+        .await;
+    assert_eq!((s, b["code"].as_str()), (409, Some("conflict")), "{b}");
+
+    // Bad input names the field.
+    for (body, field) in [
+        (json!({"currency": "EUR"}), "key"),
+        (json!({"key": "x", "currency": "EURO"}), "currency"),
+        (
+            json!({"key": "x", "tier": "gold", "currency": "EUR"}),
+            "tier",
+        ),
+        (
+            json!({"key": "x", "currency": "EUR", "recurringFee": "-1"}),
+            "recurringFee",
+        ),
+        (
+            json!({"key": "x", "currency": "EUR", "prices": [{"meter": "nope", "price": {"type": "unit", "amount": "1"}}]}),
+            "prices[0].meter",
+        ),
+        (
+            json!({"key": "x", "currency": "EUR", "prices": [{"meter": "tokens", "price": {"type": "unit"}}]}),
+            "prices[0].price",
+        ),
+        (
+            json!({"key": "x", "currency": "EUR", "prices": [{"meter": "tokens", "price": {"type": "tiered", "mode": "volume", "tiers": [
+            {"upToAmount": "10", "unitPrice": {"type": "unit", "amount": "1"}},
+            {"upToAmount": "5", "unitPrice": {"type": "unit", "amount": "1"}}]}}]}),
+            "prices[0].price",
+        ),
+    ] {
+        let (s, b) = api
+            .call("POST", "/api/v1/plans", &api.admin, Some(body.clone()))
+            .await;
+        assert_eq!(s, 400, "{body} → {b}");
+        assert_eq!(b["field"], field, "{body} → {b}");
+    }
+
+    // A new version; the first stays.
+    let (s, p) = api
+        .call(
+            "POST",
+            "/api/v1/plans/pro/versions",
+            &api.admin,
+            Some(json!({"currency": "EUR", "recurringFee": "59", "prices": []})),
+        )
+        .await;
+    assert_eq!(s, 201, "{p}");
+    assert_eq!(p["versions"].as_array().map(Vec::len), Some(2));
+    assert_eq!(p["versions"][1]["recurringFee"], "59");
+
+    let (s, b) = api
+        .call(
+            "PUT",
+            "/api/v1/tax-rates/DE",
+            &api.admin,
+            Some(json!({"rate": "19"})),
+        )
+        .await;
+    assert_eq!(s, 200, "{b}");
+    let (s, b) = api
+        .call(
+            "PUT",
+            "/api/v1/tax-rates/XX",
+            &api.admin,
+            Some(json!({"rate": "101"})),
+        )
+        .await;
+    assert_eq!((s, b["field"].as_str()), (400, Some("rate")));
+
+    let cust = json!({"key": "acme", "name": "Acme", "currency": "EUR", "timezone": "Europe/Berlin",
+                      "billingAnchorDay": 15, "taxRegion": "DE", "subjects": ["acme-1", "acme-2"]});
+    let (s, c) = api
+        .call("POST", "/api/v1/customers", &api.admin, Some(cust))
+        .await;
+    assert_eq!(s, 201, "{c}");
+    assert_eq!(c["subjects"], json!(["acme-1", "acme-2"]));
+    for (body, field, status) in [
+        (
+            json!({"key": "b", "currency": "EUR", "timezone": "Mars/Olympus"}),
+            "timezone",
+            400,
+        ),
+        (
+            json!({"key": "b", "currency": "EUR", "billingAnchorDay": 32}),
+            "billingAnchorDay",
+            400,
+        ),
+        (json!({"key": "b"}), "currency", 400),
+        (
+            json!({"key": "b", "currency": "EUR", "subjects": ["acme-1"]}),
+            "subjects[0]",
+            409,
+        ),
+        (json!({"key": "acme", "currency": "EUR"}), "key", 409),
+    ] {
+        let (s, b) = api
+            .call("POST", "/api/v1/customers", &api.admin, Some(body.clone()))
+            .await;
+        assert_eq!(
+            (s, b["field"].as_str()),
+            (status, Some(field)),
+            "{body} → {b}"
+        );
+    }
+    // A refused customer left nothing behind.
+    let (_, list) = api
+        .call("GET", "/api/v1/customers", &api.reader, None)
+        .await;
+    assert_eq!(list.as_array().map(Vec::len), Some(1), "{list}");
+
+    let (s, sub) = api
+        .call(
+            "POST",
+            "/api/v1/subscriptions",
+            &api.admin,
+            Some(json!({"customer": "acme", "plan": "pro", "version": 1, "startedAt": "2026-03-16T00:00:00+01:00"})),
+        )
+        .await;
+    assert_eq!(s, 201, "{sub}");
+    assert_eq!(
+        (sub["plan"].as_str(), sub["version"].as_i64()),
+        (Some("pro"), Some(1))
+    );
+    assert_eq!(sub["startedAt"], "2026-03-15T23:00:00.000Z");
+    let (s, b) = api
+        .call(
+            "POST",
+            "/api/v1/subscriptions",
+            &api.admin,
+            Some(json!({"customer": "acme", "plan": "pro", "startedAt": "2026-05-01T00:00:00Z"})),
+        )
+        .await;
+    assert_eq!(
+        (s, b["field"].as_str()),
+        (409, Some("customer")),
+        "overlap: {b}"
+    );
+    for (body, field) in [
+        (json!({"customer": "nobody", "plan": "pro"}), "customer"),
+        (json!({"customer": "acme", "plan": "nope"}), "plan"),
+        (
+            json!({"customer": "acme", "plan": "pro", "version": 9}),
+            "version",
+        ),
+        (
+            json!({"customer": "acme", "plan": "pro", "startedAt": "yesterday"}),
+            "startedAt",
+        ),
+    ] {
+        let (s, b) = api
+            .call(
+                "POST",
+                "/api/v1/subscriptions",
+                &api.admin,
+                Some(body.clone()),
+            )
+            .await;
+        assert_eq!((s, b["field"].as_str()), (400, Some(field)), "{body} → {b}");
+    }
+    // Currency mismatch.
+    let (s, _) = api
+        .call(
+            "POST",
+            "/api/v1/plans",
+            &api.admin,
+            Some(json!({"key": "usd", "currency": "USD"})),
+        )
+        .await;
+    assert_eq!(s, 201);
+    let (s, _) = api
+        .call(
+            "POST",
+            "/api/v1/customers",
+            &api.admin,
+            Some(json!({"key": "e2", "currency": "EUR"})),
+        )
+        .await;
+    assert_eq!(s, 201);
+    let (s, b) = api
+        .call(
+            "POST",
+            "/api/v1/subscriptions",
+            &api.admin,
+            Some(json!({"customer": "e2", "plan": "usd"})),
+        )
+        .await;
+    assert_eq!((s, b["field"].as_str()), (400, Some("plan")), "{b}");
+
+    // Scopes: a read key reads but cannot write.
+    let (s, _) = api
+        .call("GET", "/api/v1/plans/pro", &api.reader, None)
+        .await;
+    assert_eq!(s, 200);
+    let (s, _) = api
+        .call(
+            "POST",
+            "/api/v1/customers",
+            &api.reader,
+            Some(json!({"key": "r", "currency": "EUR"})),
+        )
+        .await;
+    assert_eq!(s, 403);
+
+    // Another tenant sees none of it, not even by id.
+    let sid = sub["id"].as_str().expect("id").to_string();
+    let cid = c["id"].as_str().expect("id").to_string();
+    for path in [
+        "/api/v1/plans/pro".to_string(),
+        format!("/api/v1/customers/{cid}"),
+        "/api/v1/customers/acme".to_string(),
+        format!("/api/v1/subscriptions/{sid}"),
+    ] {
+        let (s, _) = api.call("GET", &path, &api.other, None).await;
+        assert_eq!(s, 404, "{path}");
+    }
+    for path in [
+        "/api/v1/plans",
+        "/api/v1/customers",
+        "/api/v1/subscriptions",
+        "/api/v1/invoices",
+        "/api/v1/tax-rates",
+    ] {
+        let (s, b) = api.call("GET", path, &api.other, None).await;
+        assert_eq!(
+            (s, b.as_array().map(Vec::len)),
+            (200, Some(0)),
+            "{path}: {b}"
+        );
+    }
+    let (s, b) = api
+        .call(
+            "POST",
+            "/api/v1/subscriptions",
+            &api.other,
+            Some(json!({"customer": "acme", "plan": "pro"})),
+        )
+        .await;
+    assert_eq!((s, b["field"].as_str()), (400, Some("customer")));
+    // Without a key: 401.
+    let (s, _) = api.call("GET", "/api/v1/plans", "nope", None).await;
+    assert_eq!(s, 401);
+}
