@@ -3,7 +3,9 @@
 # demo pipeline end to end as far as it exists: tenant and API key created with the CLI, meters
 # created through the OpenMeter-compatible API, a realistic AI-usage stream posted to the ingest
 # edge (acknowledged only once Kafka holds it), counted exactly once by the aggregator into
-# PostgreSQL, and read back with the meter query. Invoices join when the rater's run lands.
+# PostgreSQL, read back with the meter query; plans with graduated and volume prices, customers
+# and subscriptions created through the API; the rater run for the current period, each
+# customer's draft invoice printed, and the reconcile check.
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 # shellcheck source=scripts/env.sh
@@ -28,17 +30,55 @@ KEY=$(python3 -c 'import json,sys; print(json.loads(sys.argv[1])["key"])' "$KEY_
 log "API key ${KEY:0:11}… created (shown once)"
 
 API="http://127.0.0.1:$INGEST_PORT/api/v1"
-# Meters first: a meter counts the events received after it exists. 409 = already there.
+# Creates an object through the API; 409 (it exists from an earlier run) is fine.
+create() {
+  local path=$1 body=$2 code
+  code=$(curl -s -o /tmp/quickstart-create.$$ -w '%{http_code}' -X "${3:-POST}" -H "Authorization: Bearer $KEY" \
+    -H 'Content-Type: application/json' --data "$body" "$API/$path")
+  case "$code" in 200|201|409) ;; *) die "POST $path answered $code: $(cat /tmp/quickstart-create.$$)" ;; esac
+  rm -f /tmp/quickstart-create.$$
+}
+# Meters first: a meter counts the events received after it exists.
 for m in \
   '{"slug":"input_tokens","eventType":"llm.tokens","aggregation":"SUM","valueProperty":"$.input_tokens","groupBy":{"model":"$.model"}}' \
   '{"slug":"output_tokens","eventType":"llm.tokens","aggregation":"SUM","valueProperty":"$.output_tokens","groupBy":{"model":"$.model"}}' \
   '{"slug":"api_requests","eventType":"api.request","aggregation":"COUNT","groupBy":{"endpoint":"$.endpoint"}}' \
   '{"slug":"gpu_seconds","eventType":"compute.seconds","aggregation":"SUM","valueProperty":"$.seconds","groupBy":{"gpu":"$.gpu"}}'; do
-  code=$(curl -s -o /dev/null -w '%{http_code}' -X POST -H "Authorization: Bearer $KEY" \
-    -H 'Content-Type: application/json' --data "$m" "$API/meters")
-  case "$code" in 201|409) ;; *) die "creating a meter answered $code" ;; esac
+  create meters "$m"
 done
 log "meters: input_tokens, output_tokens, api_requests, gpu_seconds"
+
+# Plans: graduated token prices on "starter", volume prices and a monthly fee on "pro".
+create plans '{"key":"starter","name":"Starter","tier":"basic","currency":"USD","prices":[
+  {"meter":"input_tokens","price":{"type":"tiered","mode":"graduated","tiers":[
+    {"upToAmount":"100000","unitPrice":{"type":"unit","amount":"0.000003"}},
+    {"unitPrice":{"type":"unit","amount":"0.000002"}}]},"entitlement":"5000000"},
+  {"meter":"output_tokens","price":{"type":"tiered","mode":"graduated","tiers":[
+    {"upToAmount":"50000","unitPrice":{"type":"unit","amount":"0.000012"}},
+    {"unitPrice":{"type":"unit","amount":"0.00001"}}]}},
+  {"meter":"api_requests","price":{"type":"unit","amount":"0.0005","freeQuantity":"100"}},
+  {"meter":"gpu_seconds","price":{"type":"unit","amount":"0.0011"}}]}'
+create plans '{"key":"pro","name":"Pro","tier":"pro","currency":"USD","recurringFee":"49","prices":[
+  {"meter":"input_tokens","price":{"type":"tiered","mode":"volume","tiers":[
+    {"upToAmount":"100000","unitPrice":{"type":"unit","amount":"0.0000025"}},
+    {"upToAmount":"1000000","unitPrice":{"type":"unit","amount":"0.000002"}},
+    {"unitPrice":{"type":"unit","amount":"0.0000015"}}]}},
+  {"meter":"output_tokens","price":{"type":"tiered","mode":"volume","tiers":[
+    {"upToAmount":"100000","unitPrice":{"type":"unit","amount":"0.00001"}},
+    {"unitPrice":{"type":"unit","amount":"0.000008"}}]}},
+  {"meter":"api_requests","price":{"type":"package","amount":"0.25","quantityPerPackage":"1000"}},
+  {"meter":"gpu_seconds","price":{"type":"unit","amount":"0.0009","minimumAmount":"5"}}]}'
+create tax-rates/DE '{"rate":"19"}' PUT
+create tax-rates/US-NY '{"rate":"8.875"}' PUT
+# Customers (one per demo subject), each subscribed since the start of last month.
+since=$(date -u -d "$(date -u +%Y-%m-01) -1 month" +%Y-%m-01T00:00:00Z)
+for c in acme-corp:Europe/Berlin:DE:pro globex:America/New_York:US-NY:starter initech:UTC::starter \
+         umbrella:Asia/Tokyo::pro hooli:America/Los_Angeles::starter; do
+  IFS=: read -r key tz tax plan <<<"$c"
+  create customers "{\"key\":\"$key\",\"currency\":\"USD\",\"timezone\":\"$tz\",\"subjects\":[\"$key\"]$([ -n "$tax" ] && echo ",\"taxRegion\":\"$tax\"")}"
+  create subscriptions "{\"customer\":\"$key\",\"plan\":\"$plan\",\"startedAt\":\"$since\"}"
+done
+log "plans starter (graduated) and pro (volume + 49 USD/month); 5 customers subscribed since $since"
 before=$(psql -At -h "$PGHOST" -U "$PGUSER" -d "$METERING_DB" -c \
   "SELECT coalesce(sum(events), 0) FROM event_outcomes WHERE tenant_id = '$TENANT'")
 
@@ -77,6 +117,15 @@ print("\ninput_tokens per customer and model, %s .. %s:" % (r["from"], r["to"]))
 for d in r["data"]:
     print("  %-10s %-10s %10s" % (d["subject"], d["groupBy"]["model"], d["value"]))
 PY
+
+PERIOD=$(date -u +%Y-%m)
+RATER="$CARGO_TARGET_DIR/$METERING_PROFILE/rater"
+log "rating $PERIOD (usage so far; drafts are rewritten by each run until issued)"
+"$RATER" run --period "$PERIOD" --tenant "$TENANT" --database-url "$DATABASE_URL"
+echo
+"$RATER" show --period "$PERIOD" --tenant "$TENANT" --database-url "$DATABASE_URL"
+"$RATER" reconcile --period "$PERIOD" --tenant "$TENANT" --database-url "$DATABASE_URL" >/dev/null \
+  || die "reconcile found differences: $RATER reconcile --period $PERIOD --tenant $TENANT"
 cat <<MSG
 
 The pipeline is up: $sent events acknowledged by ingest (only once Kafka stored them), then
@@ -89,6 +138,6 @@ $outcomes).
   Prometheus    http://127.0.0.1:$PROMETHEUS_PORT
 
 Try: curl -H "Authorization: Bearer <key>" "$API/meters/gpu_seconds/query?windowSize=HOUR&windowTimeZone=Europe%2FBerlin"
-Invoices join this demo when the rater's run lands.
+Billing ops: $RATER run|show|reconcile|issue --period $PERIOD --tenant $TENANT
 Stop everything with: scripts/stack.sh down
 MSG

@@ -573,94 +573,157 @@ pub async fn rate_tenant(
     Ok(out)
 }
 
-/// Writes rated invoices as drafts in one transaction; returns (written, unchanged, frozen).
+/// Writes rated invoices as drafts in one transaction, in bulk (UNNEST arrays, a chunk of
+/// invoices per statement); returns (written, unchanged, frozen).
 pub async fn write(
     db: &mut tokio_postgres::Client,
     rated: &[Rated],
 ) -> anyhow::Result<(usize, usize, usize)> {
+    const CHUNK: usize = 5_000;
     let tx = db.transaction().await?;
     let (mut written, mut unchanged, mut frozen) = (0, 0, 0);
-    for r in rated {
-        let existing = tx
-            .query_opt(
-                "SELECT id, status, content_sha256 FROM invoices
-                  WHERE subscription_id = $1 AND period = $2 FOR UPDATE",
-                &[&r.subscription, &r.period],
+    for chunk in rated.chunks(CHUNK) {
+        let subs: Vec<Uuid> = chunk.iter().map(|r| r.subscription).collect();
+        let periods: Vec<&str> = chunk.iter().map(|r| r.period.as_str()).collect();
+        let existing: HashMap<(Uuid, String), (Uuid, String, Vec<u8>)> = tx
+            .query(
+                "SELECT i.subscription_id, i.period, i.id, i.status, i.content_sha256
+                   FROM invoices i JOIN unnest($1::uuid[], $2::text[]) k(s, p)
+                     ON i.subscription_id = k.s AND i.period = k.p
+                  FOR UPDATE OF i",
+                &[&subs, &periods],
+            )
+            .await?
+            .into_iter()
+            .map(|r| ((r.get(0), r.get(1)), (r.get(2), r.get(3), r.get(4))))
+            .collect();
+        let mut fresh: Vec<&Rated> = Vec::new();
+        let mut changed: Vec<(Uuid, &Rated)> = Vec::new();
+        for r in chunk {
+            match existing.get(&(r.subscription, r.period.clone())) {
+                None => fresh.push(r),
+                Some((_, status, _)) if status != "draft" => frozen += 1,
+                Some((_, _, sha)) if *sha == r.sha256 => unchanged += 1,
+                Some((id, _, _)) => changed.push((*id, r)),
+            }
+        }
+        // Changed drafts: new totals, lines replaced.
+        if !changed.is_empty() {
+            let ids: Vec<Uuid> = changed.iter().map(|c| c.0).collect();
+            let col = |f: fn(&Rated) -> Decimal| changed.iter().map(|c| f(c.1)).collect::<Vec<_>>();
+            let shas: Vec<&[u8]> = changed.iter().map(|c| c.1.sha256.as_slice()).collect();
+            tx.execute(
+                "UPDATE invoices i SET subtotal = v.subtotal, discount = v.discount, tax = v.tax,
+                        total = v.total, content_sha256 = v.sha, updated_at = now()
+                   FROM unnest($1::uuid[], $2::numeric[], $3::numeric[], $4::numeric[], $5::numeric[], $6::bytea[])
+                        AS v(id, subtotal, discount, tax, total, sha)
+                  WHERE i.id = v.id",
+                &[&ids, &col(|r| r.subtotal), &col(|r| r.discount), &col(|r| r.tax), &col(|r| r.total), &shas],
             )
             .await?;
-        let id: Uuid = match existing {
-            Some(row) => {
-                let status: String = row.get(1);
-                if status != "draft" {
-                    frozen += 1;
-                    continue;
-                }
-                if row.get::<_, Vec<u8>>(2) == r.sha256 {
-                    unchanged += 1;
-                    continue;
-                }
-                let id: Uuid = row.get(0);
-                tx.execute(
-                    "UPDATE invoices SET subtotal = $2, discount = $3, tax = $4, total = $5,
-                            content_sha256 = $6, period_start = $7, period_end = $8, updated_at = now()
-                      WHERE id = $1",
-                    &[&id, &r.subtotal, &r.discount, &r.tax, &r.total, &r.sha256, &r.period_start, &r.period_end],
-                )
+            tx.execute("DELETE FROM invoice_lines WHERE invoice_id = ANY($1)", &[&ids])
                 .await?;
-                tx.execute("DELETE FROM invoice_lines WHERE invoice_id = $1", &[&id])
-                    .await?;
-                id
-            }
-            None => tx
-                .query_one(
+        }
+        let mut targets: Vec<(Uuid, &Rated)> = changed;
+        if !fresh.is_empty() {
+            let col = |f: fn(&Rated) -> Decimal| fresh.iter().map(|r| f(r)).collect::<Vec<_>>();
+            let tenants: Vec<Uuid> = fresh.iter().map(|r| r.tenant).collect();
+            let customers: Vec<Uuid> = fresh.iter().map(|r| r.customer).collect();
+            let subs: Vec<Uuid> = fresh.iter().map(|r| r.subscription).collect();
+            let periods: Vec<&str> = fresh.iter().map(|r| r.period.as_str()).collect();
+            let starts: Vec<DateTime<Utc>> = fresh.iter().map(|r| r.period_start).collect();
+            let ends: Vec<DateTime<Utc>> = fresh.iter().map(|r| r.period_end).collect();
+            let curs: Vec<&str> = fresh.iter().map(|r| r.currency.as_str()).collect();
+            let shas: Vec<&[u8]> = fresh.iter().map(|r| r.sha256.as_slice()).collect();
+            let rows = tx
+                .query(
                     "INSERT INTO invoices (tenant_id, customer_id, subscription_id, period, period_start,
                             period_end, currency, subtotal, discount, tax, total, content_sha256)
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) RETURNING id",
+                     SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::text[], $5::timestamptz[],
+                            $6::timestamptz[], $7::text[], $8::numeric[], $9::numeric[], $10::numeric[],
+                            $11::numeric[], $12::bytea[])
+                     RETURNING subscription_id, id",
                     &[
-                        &r.tenant, &r.customer, &r.subscription, &r.period, &r.period_start,
-                        &r.period_end, &r.currency, &r.subtotal, &r.discount, &r.tax, &r.total, &r.sha256,
+                        &tenants, &customers, &subs, &periods, &starts, &ends, &curs,
+                        &col(|r| r.subtotal), &col(|r| r.discount), &col(|r| r.tax), &col(|r| r.total), &shas,
                     ],
                 )
-                .await?
-                .get(0),
-        };
-        let insert = tx
-            .prepare(
-                "INSERT INTO invoice_lines (invoice_id, position, tenant_id, kind, meter_id, description,
-                        period_start, period_end, quantity, previous_quantity, price, unit_price, tiers,
-                        amount, discount, tax, total)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)",
-            )
-            .await?;
-        for (pos, l) in r.lines.iter().enumerate() {
-            tx.execute(
-                &insert,
-                &[
-                    &id,
-                    &(pos as i32 + 1),
-                    &r.tenant,
-                    &l.kind,
-                    &l.meter,
-                    &l.description,
-                    &l.period_start,
-                    &l.period_end,
-                    &l.quantity,
-                    &l.previous_quantity,
-                    &l.price,
-                    &l.unit_price,
-                    &l.tiers,
-                    &l.amount,
-                    &l.discount,
-                    &l.tax,
-                    &l.total,
-                ],
-            )
-            .await?;
+                .await?;
+            let ids: HashMap<Uuid, Uuid> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+            for r in fresh {
+                let id = *ids
+                    .get(&r.subscription)
+                    .context("an inserted invoice did not come back")?;
+                targets.push((id, r));
+            }
         }
-        written += 1;
+        written += targets.len();
+        insert_lines(&tx, &targets).await?;
     }
     tx.commit().await?;
     Ok((written, unchanged, frozen))
+}
+
+async fn insert_lines(
+    tx: &tokio_postgres::Transaction<'_>,
+    targets: &[(Uuid, &Rated)],
+) -> anyhow::Result<()> {
+    let n: usize = targets.iter().map(|t| t.1.lines.len()).sum();
+    if n == 0 {
+        return Ok(());
+    }
+    let mut invoice = Vec::with_capacity(n);
+    let mut position = Vec::with_capacity(n);
+    let mut tenant = Vec::with_capacity(n);
+    let mut kind = Vec::with_capacity(n);
+    let mut meter = Vec::with_capacity(n);
+    let mut description = Vec::with_capacity(n);
+    let mut start = Vec::with_capacity(n);
+    let mut end = Vec::with_capacity(n);
+    let mut quantity = Vec::with_capacity(n);
+    let mut previous = Vec::with_capacity(n);
+    let mut price = Vec::with_capacity(n);
+    let mut unit = Vec::with_capacity(n);
+    let mut tiers = Vec::with_capacity(n);
+    let mut amount = Vec::with_capacity(n);
+    let mut discount = Vec::with_capacity(n);
+    let mut tax = Vec::with_capacity(n);
+    let mut total = Vec::with_capacity(n);
+    for (id, r) in targets {
+        for (i, l) in r.lines.iter().enumerate() {
+            invoice.push(*id);
+            position.push(i as i32 + 1);
+            tenant.push(r.tenant);
+            kind.push(l.kind);
+            meter.push(l.meter);
+            description.push(l.description.as_str());
+            start.push(l.period_start);
+            end.push(l.period_end);
+            quantity.push(l.quantity);
+            previous.push(l.previous_quantity);
+            price.push(l.price.clone());
+            unit.push(l.unit_price);
+            tiers.push(l.tiers.clone());
+            amount.push(l.amount);
+            discount.push(l.discount);
+            tax.push(l.tax);
+            total.push(l.total);
+        }
+    }
+    tx.execute(
+        "INSERT INTO invoice_lines (invoice_id, position, tenant_id, kind, meter_id, description,
+                period_start, period_end, quantity, previous_quantity, price, unit_price, tiers,
+                amount, discount, tax, total)
+         SELECT * FROM unnest($1::uuid[], $2::int[], $3::uuid[], $4::text[], $5::uuid[], $6::text[],
+                $7::timestamptz[], $8::timestamptz[], $9::numeric[], $10::numeric[], $11::jsonb[],
+                $12::numeric[], $13::jsonb[], $14::numeric[], $15::numeric[], $16::numeric[], $17::numeric[])",
+        &[
+            &invoice, &position, &tenant, &kind, &meter, &description, &start, &end, &quantity,
+            &previous, &price, &unit, &tiers, &amount, &discount, &tax, &total,
+        ],
+    )
+    .await?;
+    Ok(())
 }
 
 async fn tenants(db: &tokio_postgres::Client, only: Option<Uuid>) -> anyhow::Result<Vec<Uuid>> {

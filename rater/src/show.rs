@@ -3,12 +3,25 @@
 use rust_decimal::Decimal;
 use serde_json::Value;
 use std::fmt::Write;
+use std::str::FromStr;
 use uuid::Uuid;
 
 use crate::period::YearMonth;
 
 fn d(v: Decimal) -> String {
     v.normalize().to_string()
+}
+
+/// A money amount with the currency's minor units (2.50, not 2.5).
+fn m(v: Decimal, minor: u32) -> String {
+    format!("{:.*}", minor as usize, v)
+}
+
+/// A decimal string from a breakdown, without trailing zeros.
+fn n(v: &Value) -> String {
+    v.as_str()
+        .and_then(|s| Decimal::from_str(s).ok())
+        .map_or_else(|| "?".into(), d)
 }
 
 /// Renders the invoices of `period` (optionally one tenant's, one customer's) as text.
@@ -34,13 +47,14 @@ pub async fn invoices(
         let id: Uuid = i.get(0);
         let number = i
             .get::<_, Option<i64>>(4)
-            .map_or_else(|| "(draft, no number yet)".to_string(), |n| format!("#{n}"));
+            .map_or_else(|| "(no number yet)".to_string(), |n| format!("#{n}"));
         let start: chrono::DateTime<chrono::Utc> = i.get(5);
         let end: chrono::DateTime<chrono::Utc> = i.get(6);
         let cur: String = i.get(7);
+        let minor = billing_core::Currency::from_code(&cur)?.minor_units();
         writeln!(
             out,
-            "Invoice {number} [{}] for {} ({}), period {period}: {} – {} UTC, {cur}",
+            "Invoice {number}, {}, for {} ({}), period {period}: {} – {} UTC, {cur}",
             i.get::<_, String>(3),
             i.get::<_, String>(2),
             i.get::<_, String>(1),
@@ -72,9 +86,9 @@ pub async fn invoices(
                 l.get::<_, String>(2).chars().take(44).collect::<String>(),
                 qty,
                 l.get::<_, Option<Decimal>>(5).map(d).unwrap_or_default(),
-                d(l.get(7)),
-                d(l.get(8)),
-                d(l.get(9)),
+                m(l.get(7), minor),
+                m(l.get(8), minor),
+                m(l.get(9), minor),
             )?;
             let tiers: Value = l.get(6);
             for t in tiers["tiers"].as_array().into_iter().flatten() {
@@ -82,13 +96,13 @@ pub async fn invoices(
                     out,
                     "       tier {}: {} × {}{} = {}",
                     t["tier"].as_u64().unwrap_or_default() + 1,
-                    t["quantity"].as_str().unwrap_or("?"),
-                    t["unitPrice"].as_str().unwrap_or("?"),
-                    match t["flatPrice"].as_str() {
-                        Some("0") | None => String::new(),
-                        Some(f) => format!(" + {f} flat"),
+                    n(&t["quantity"]),
+                    n(&t["unitPrice"]),
+                    match n(&t["flatPrice"]).as_str() {
+                        "0" | "?" => String::new(),
+                        f => format!(" + {f} flat"),
                     },
-                    t["total"].as_str().unwrap_or("?"),
+                    n(&t["total"]),
                 )?;
             }
             for (k, label) in [
@@ -96,20 +110,20 @@ pub async fn invoices(
                 ("maximumReduction", "cap"),
             ] {
                 if let Some(v) = tiers[k].as_str().filter(|v| *v != "0") {
-                    writeln!(out, "       {label}: {v}")?;
+                    writeln!(out, "       {label}: {}", n(&Value::from(v)))?;
                 }
             }
         }
         writeln!(
             out,
             "  subtotal {}  discount {}  tax {}{}  total {} {cur}\n",
-            d(i.get(8)),
-            d(i.get(9)),
-            d(i.get(10)),
+            m(i.get(8), minor),
+            m(i.get(9), minor),
+            m(i.get(10), minor),
             i.get::<_, Option<String>>(12)
                 .map(|r| format!(" ({r})"))
                 .unwrap_or_default(),
-            d(i.get(11)),
+            m(i.get(11), minor),
         )?;
     }
     Ok(out)
