@@ -14,6 +14,7 @@
 #    computed, nothing written;
 # 3. `rater run`: the same plus writing 100 k draft invoices and their lines;
 # 4. `rater run` again: idempotent re-run (compares, writes nothing).
+# BENCH_KEEP=1 keeps the database (metering_bench_rater) for profiling.
 # Built with the `ci` profile (release optimisations with debug assertions), the build the stack
 # and tests use; DataFusion is not built a second time for benchmarks.
 set -euo pipefail
@@ -24,6 +25,7 @@ CUSTOMERS=${1:-100000}
 DAYS=${2:-10}
 DB=metering_bench_rater
 cleanup() {
+  [ -n "${BENCH_KEEP:-}" ] && return
   psql -q -h "$PGHOST" -U "$PGUSER" -d postgres -c "DROP DATABASE IF EXISTS $DB WITH (FORCE)" >/dev/null 2>&1 || true
 }
 trap cleanup EXIT
@@ -32,6 +34,7 @@ BIN="$CARGO_TARGET_DIR/$METERING_PROFILE"
 psql -q -h "$PGHOST" -U "$PGUSER" -d postgres -c "DROP DATABASE IF EXISTS $DB WITH (FORCE)" -c "CREATE DATABASE $DB" >/dev/null
 URL="postgres://$PGUSER@$PGHOST:$PGPORT/$DB"
 "$BIN/control-api" --database-url "$URL" migrate >/dev/null
+calc() { python3 -c "print($1)"; }
 q() { psql -q -At -h "$PGHOST" -U "$PGUSER" -d "$DB" -v ON_ERROR_STOP=1 "$@"; }
 
 log "seeding $CUSTOMERS customers × 5 meters × $DAYS active days"
@@ -68,21 +71,21 @@ SELECT '00000000-0000-0000-0000-0000000000b1', ('00000000-0000-0000-0000-0000000
 ANALYZE;
 SQL
 ROWS=$(q -c "SELECT count(*) FROM usage_day")
-log "seeded $ROWS usage rows in $(printf '%.0f' "$(echo "$(date +%s.%N) - $t0" | bc)") s"
+log "seeded $ROWS usage rows in $(calc "round($(date +%s.%N) - $t0)") s"
 
-timed() { local s; s=$(date +%s.%N); "$@" >/dev/null 2>"$WORKLOG"; echo "$(date +%s.%N) - $s" | bc; }
+timed() { local s; s=$(date +%s.%N); "$@" >/dev/null 2>"$WORKLOG"; calc "round($(date +%s.%N) - $s, 2)"; }
 WORKLOG=$(mktemp)
 bare=$(timed psql -q -h "$PGHOST" -U "$PGUSER" -d "$DB" -c "\\copy (SELECT subject, meter_id, window_start, group_values::text, sum_value, event_count, min_value, max_value, latest_value, latest_time FROM usage_day WHERE tenant_id = '00000000-0000-0000-0000-0000000000b1' AND window_start >= '2026-10-01Z' AND window_start < '2026-11-01Z') TO /dev/null")
-dry=$(timed "$BIN/rater" run --period 2026-10 --dry-run --database-url "$URL"); dry_log=$(cat "$WORKLOG")
-full=$(timed "$BIN/rater" run --period 2026-10 --database-url "$URL"); full_log=$(cat "$WORKLOG")
-again=$(timed "$BIN/rater" run --period 2026-10 --database-url "$URL"); again_log=$(cat "$WORKLOG")
+dry=$(timed env RATER_LOG=info "$BIN/rater" run --period 2026-10 --dry-run --database-url "$URL"); dry_log=$(cat "$WORKLOG")
+full=$(timed env RATER_LOG=info "$BIN/rater" run --period 2026-10 --database-url "$URL"); full_log=$(cat "$WORKLOG")
+again=$(timed env RATER_LOG=info "$BIN/rater" run --period 2026-10 --database-url "$URL"); again_log=$(cat "$WORKLOG")
 rm -f "$WORKLOG"
 INVOICES=$(q -c "SELECT count(*) FROM invoices")
 LINES=$(q -c "SELECT count(*) FROM invoice_lines")
 echo "$dry_log" >&2; echo "$full_log" >&2; echo "$again_log" >&2
 
-rate() { echo "$ROWS / $1" | bc; }
-ratio() { echo "scale=2; $bare / $1" | bc; }
+rate() { calc "round($ROWS / $1)"; }
+ratio() { calc "round($bare / $1, 2)"; }
 cat <<MD
 
 Rater, one period: $CUSTOMERS customers × 5 meters, $ROWS day rows; $INVOICES invoices, $LINES lines written.

@@ -780,10 +780,13 @@ pub async fn get_invoice(
     let lines = db
         .query(
             "SELECT l.position, l.kind, m.slug, l.description, l.period_start, l.period_end, l.quantity,
-                    l.previous_quantity, l.unit_price, l.tiers, l.amount, l.discount, l.tax, l.total, l.price
+                    l.previous_quantity, l.unit_price, l.tiers, l.amount, l.discount, l.tax, l.total,
+                    coalesce(l.price, pp.price)
                FROM invoice_lines l LEFT JOIN meters m ON m.id = l.meter_id
-              WHERE l.invoice_id = $1 ORDER BY l.position",
-            &[&id],
+               JOIN invoices i ON i.id = l.invoice_id JOIN subscriptions s ON s.id = i.subscription_id
+               LEFT JOIN plan_prices pp ON pp.plan_version_id = s.plan_version_id AND pp.meter_id = l.meter_id
+              WHERE l.invoice_id = $1 AND l.tenant_id = $2 ORDER BY l.position",
+            &[&id, &caller.tenant],
         )
         .await?;
     inv["lines"] = lines

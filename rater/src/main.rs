@@ -132,7 +132,9 @@ async fn main() -> anyhow::Result<()> {
                 customer: scope.customer,
                 dry_run,
             };
-            let s = rater::run::run(&mut db, &opts, false).await?;
+            // One connection: on 2 cores a second reading connection measured no faster
+            // (BENCHMARKS.md); `run` takes extra connections for larger machines.
+            let s = rater::run::run(&mut db, &[], &opts, false).await?;
             let totals: Vec<String> = s
                 .totals
                 .iter()
@@ -154,6 +156,12 @@ async fn main() -> anyhow::Result<()> {
                 s.usage_rows,
                 if totals.is_empty() { "none".into() } else { totals.join(", ") },
                 s.elapsed,
+            );
+            tracing::info!(
+                load_seconds = s.load.as_secs_f64(),
+                datafusion_seconds = s.query.as_secs_f64(),
+                write_seconds = s.write.as_secs_f64(),
+                "phases"
             );
             if json {
                 println!("{}", serde_json::to_string_pretty(&s.invoices)?);

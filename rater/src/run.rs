@@ -17,6 +17,7 @@
 
 use anyhow::{bail, Context};
 use billing_core::invoice::{self, LineInput, TaxRate, TaxRounding};
+use billing_core::price::TierLine;
 use billing_core::proration::{prorate, Span};
 use billing_core::{Currency, Price};
 use chrono::{DateTime, Utc};
@@ -27,6 +28,7 @@ use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use std::collections::{BTreeMap, HashMap};
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use uuid::Uuid;
 
@@ -57,6 +59,10 @@ pub struct Summary {
     pub lines: usize,
     pub corrections: usize,
     pub usage_rows: u64,
+    /// Time reading usage into Arrow, in DataFusion, and writing invoices.
+    pub load: Duration,
+    pub query: Duration,
+    pub write: Duration,
     /// Invoice totals per currency (of the invoices rated in this run, written or not).
     pub totals: BTreeMap<String, Decimal>,
     pub elapsed: Duration,
@@ -102,7 +108,6 @@ pub struct MeterPrice {
     pub name: String,
     pub aggregation: Aggregation,
     pub price: Price,
-    pub price_json: Value,
 }
 
 /// One rated line.
@@ -116,13 +121,27 @@ pub struct RatedLine {
     pub period_end: DateTime<Utc>,
     pub quantity: Decimal,
     pub previous_quantity: Option<Decimal>,
-    pub price: Option<Value>,
+    pub price: Option<Arc<Value>>,
     pub unit_price: Option<Decimal>,
-    pub tiers: Value,
+    pub tiers: Details,
     pub amount: Decimal,
     pub discount: Decimal,
     pub tax: Decimal,
     pub total: Decimal,
+}
+
+/// How a usage line's amount was reached (stored as the line's `tiers` JSON).
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Details {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub billable_quantity: Option<Decimal>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub tiers: Vec<TierLine>,
+    #[serde(skip_serializing_if = "Decimal::is_zero")]
+    pub minimum_true_up: Decimal,
+    #[serde(skip_serializing_if = "Decimal::is_zero")]
+    pub maximum_reduction: Decimal,
 }
 
 /// A rated invoice.
@@ -258,7 +277,6 @@ pub async fn load_prices(
             price: Price::from_json(&price_json.to_string())
                 .with_context(|| format!("the stored price of meter {slug}"))?,
             slug,
-            price_json,
         });
     }
     Ok(out)
@@ -324,14 +342,14 @@ fn usage_line(
         period_end: pe,
         quantity: q.normalize(),
         previous_quantity: None,
-        price: Some(mp.price_json.clone()),
+        price: None,
         unit_price,
-        tiers: json!({
-            "billableQuantity": b.billable_quantity.normalize().to_string(),
-            "tiers": b.tiers,
-            "minimumTrueUp": b.minimum_true_up.normalize().to_string(),
-            "maximumReduction": b.maximum_reduction.normalize().to_string(),
-        }),
+        tiers: Details {
+            billable_quantity: Some(b.billable_quantity.normalize()),
+            tiers: b.tiers,
+            minimum_true_up: b.minimum_true_up.normalize(),
+            maximum_reduction: b.maximum_reduction.normalize(),
+        },
         amount: b.total,
         discount: Decimal::ZERO,
         tax: Decimal::ZERO,
@@ -363,7 +381,33 @@ fn finish(
         l.total = c.gross;
     }
     let (ps, pe) = bounds(ym, sub.anchor_day, sub.tz);
-    let content = serde_json::to_vec(&(&lines, t.subtotal, t.tax, t.total))?;
+    // The content hash covers every stored figure of the lines and totals (tier details and
+    // prices follow from quantities and the plan version, which never changes).
+    let mut h = Sha256::new();
+    for l in &lines {
+        h.update(l.kind.as_bytes());
+        h.update(l.meter.unwrap_or_default().as_bytes());
+        h.update(l.description.as_bytes());
+        h.update(l.period_start.timestamp_micros().to_le_bytes());
+        h.update(l.period_end.timestamp_micros().to_le_bytes());
+        for d in [
+            Some(l.quantity),
+            l.previous_quantity,
+            l.unit_price,
+            Some(l.amount),
+            Some(l.discount),
+            Some(l.tax),
+            Some(l.total),
+        ] {
+            match d {
+                Some(d) => h.update(d.normalize().serialize()),
+                None => h.update([0xff]),
+            }
+        }
+    }
+    for d in [t.subtotal, t.discount, t.tax, t.total] {
+        h.update(d.normalize().serialize());
+    }
     Ok(Rated {
         tenant,
         subscription: sub.id,
@@ -378,7 +422,7 @@ fn finish(
         discount: t.discount,
         tax: t.tax,
         total: t.total,
-        sha256: Sha256::digest(&content).to_vec(),
+        sha256: h.finalize().to_vec(),
     })
 }
 
@@ -407,12 +451,19 @@ async fn billed(
 /// Rates one tenant's subscriptions for `ym` (and corrections of the periods before).
 pub async fn rate_tenant(
     db: &tokio_postgres::Client,
+    extra: &[tokio_postgres::Client],
     tenant: Uuid,
     ym: YearMonth,
     customer: Option<&str>,
     stats: &mut LoadStats,
 ) -> anyhow::Result<Vec<Rated>> {
+    let t0 = Instant::now();
     let subs = load_subs(db, tenant, customer).await?;
+    tracing::debug!(
+        seconds = t0.elapsed().as_secs_f64(),
+        n = subs.len(),
+        "subscriptions loaded"
+    );
     if subs.is_empty() {
         return Ok(Vec::new());
     }
@@ -455,6 +506,10 @@ pub async fn rate_tenant(
         subjects.entry(r.get(0)).or_default().push(r.get(1));
     }
 
+    tracing::debug!(
+        seconds = t0.elapsed().as_secs_f64(),
+        "catalog, billed, subjects loaded"
+    );
     let mut defs: Vec<SpanDef> = Vec::new();
     let mut rows: Vec<SpanSubject> = Vec::new();
     for (i, s) in subs.iter().enumerate() {
@@ -487,7 +542,9 @@ pub async fn rate_tenant(
         .collect();
     meters.sort_by_key(|(m, _)| *m);
     meters.dedup_by_key(|(m, _)| *m);
-    let aggs = aggregate(db, tenant, &meters, &rows, false, stats).await?;
+    tracing::debug!(seconds = t0.elapsed().as_secs_f64(), "spans built");
+    let aggs = aggregate(db, extra, tenant, &meters, &rows, false, stats).await?;
+    tracing::debug!(seconds = t0.elapsed().as_secs_f64(), "usage aggregated");
     let zero = Agg::default();
 
     // Lines per subscription of the current period.
@@ -517,11 +574,11 @@ pub async fn rate_tenant(
                     period_end: to,
                     quantity: Decimal::ONE,
                     previous_quantity: None,
-                    price: Some(
+                    price: Some(Arc::new(
                         json!({"type": "flat", "amount": s.recurring_fee.normalize().to_string()}),
-                    ),
+                    )),
                     unit_price: Some(amount),
-                    tiers: json!({}),
+                    tiers: Details::default(),
                     amount,
                     discount: Decimal::ZERO,
                     tax: Decimal::ZERO,
@@ -559,6 +616,7 @@ pub async fn rate_tenant(
             }
         }
     }
+    tracing::debug!(seconds = t0.elapsed().as_secs_f64(), "lines priced");
     let mut out = Vec::new();
     for (i, s) in subs.iter().enumerate() {
         if !has_span[i] {
@@ -570,6 +628,7 @@ pub async fn rate_tenant(
         let tax = s.tax_region.as_ref().and_then(|r| taxes.get(r));
         out.push(finish(tenant, s, ym, ls, tax)?);
     }
+    tracing::debug!(seconds = t0.elapsed().as_secs_f64(), "invoices computed");
     Ok(out)
 }
 
@@ -597,6 +656,7 @@ pub async fn write(
             .into_iter()
             .map(|r| ((r.get(0), r.get(1)), (r.get(2), r.get(3), r.get(4))))
             .collect();
+        tracing::debug!("existing read");
         let mut fresh: Vec<&Rated> = Vec::new();
         let mut changed: Vec<(Uuid, &Rated)> = Vec::new();
         for r in chunk {
@@ -621,8 +681,11 @@ pub async fn write(
                 &[&ids, &col(|r| r.subtotal), &col(|r| r.discount), &col(|r| r.tax), &col(|r| r.total), &shas],
             )
             .await?;
-            tx.execute("DELETE FROM invoice_lines WHERE invoice_id = ANY($1)", &[&ids])
-                .await?;
+            tx.execute(
+                "DELETE FROM invoice_lines WHERE invoice_id = ANY($1)",
+                &[&ids],
+            )
+            .await?;
         }
         let mut targets: Vec<(Uuid, &Rated)> = changed;
         if !fresh.is_empty() {
@@ -658,71 +721,80 @@ pub async fn write(
             }
         }
         written += targets.len();
+        let t0 = Instant::now();
         insert_lines(&tx, &targets).await?;
+        tracing::debug!(seconds = t0.elapsed().as_secs_f64(), "lines copied");
     }
     tx.commit().await?;
     Ok((written, unchanged, frozen))
 }
 
+/// Lines by binary COPY (several times faster than INSERT for the 100 k-invoice case).
 async fn insert_lines(
     tx: &tokio_postgres::Transaction<'_>,
     targets: &[(Uuid, &Rated)],
 ) -> anyhow::Result<()> {
-    let n: usize = targets.iter().map(|t| t.1.lines.len()).sum();
-    if n == 0 {
+    use tokio_postgres::binary_copy::BinaryCopyInWriter;
+    use tokio_postgres::types::{Json, ToSql, Type};
+    if targets.iter().all(|t| t.1.lines.is_empty()) {
         return Ok(());
     }
-    let mut invoice = Vec::with_capacity(n);
-    let mut position = Vec::with_capacity(n);
-    let mut tenant = Vec::with_capacity(n);
-    let mut kind = Vec::with_capacity(n);
-    let mut meter = Vec::with_capacity(n);
-    let mut description = Vec::with_capacity(n);
-    let mut start = Vec::with_capacity(n);
-    let mut end = Vec::with_capacity(n);
-    let mut quantity = Vec::with_capacity(n);
-    let mut previous = Vec::with_capacity(n);
-    let mut price = Vec::with_capacity(n);
-    let mut unit = Vec::with_capacity(n);
-    let mut tiers = Vec::with_capacity(n);
-    let mut amount = Vec::with_capacity(n);
-    let mut discount = Vec::with_capacity(n);
-    let mut tax = Vec::with_capacity(n);
-    let mut total = Vec::with_capacity(n);
+    let sink = tx
+        .copy_in(
+            "COPY invoice_lines (invoice_id, position, tenant_id, kind, meter_id, description,
+                    period_start, period_end, quantity, previous_quantity, price, unit_price, tiers,
+                    amount, discount, tax, total) FROM STDIN (FORMAT binary)",
+        )
+        .await?;
+    let types = [
+        Type::UUID,
+        Type::INT4,
+        Type::UUID,
+        Type::TEXT,
+        Type::UUID,
+        Type::TEXT,
+        Type::TIMESTAMPTZ,
+        Type::TIMESTAMPTZ,
+        Type::NUMERIC,
+        Type::NUMERIC,
+        Type::JSONB,
+        Type::NUMERIC,
+        Type::JSONB,
+        Type::NUMERIC,
+        Type::NUMERIC,
+        Type::NUMERIC,
+        Type::NUMERIC,
+    ];
+    let writer = BinaryCopyInWriter::new(sink, &types);
+    futures_util::pin_mut!(writer);
     for (id, r) in targets {
         for (i, l) in r.lines.iter().enumerate() {
-            invoice.push(*id);
-            position.push(i as i32 + 1);
-            tenant.push(r.tenant);
-            kind.push(l.kind);
-            meter.push(l.meter);
-            description.push(l.description.as_str());
-            start.push(l.period_start);
-            end.push(l.period_end);
-            quantity.push(l.quantity);
-            previous.push(l.previous_quantity);
-            price.push(l.price.clone());
-            unit.push(l.unit_price);
-            tiers.push(l.tiers.clone());
-            amount.push(l.amount);
-            discount.push(l.discount);
-            tax.push(l.tax);
-            total.push(l.total);
+            let position = i as i32 + 1;
+            let price = l.price.as_deref().map(Json);
+            let tiers = Json(&l.tiers);
+            let row: [&(dyn ToSql + Sync); 17] = [
+                id,
+                &position,
+                &r.tenant,
+                &l.kind,
+                &l.meter,
+                &l.description,
+                &l.period_start,
+                &l.period_end,
+                &l.quantity,
+                &l.previous_quantity,
+                &price,
+                &l.unit_price,
+                &tiers,
+                &l.amount,
+                &l.discount,
+                &l.tax,
+                &l.total,
+            ];
+            writer.as_mut().write(&row).await?;
         }
     }
-    tx.execute(
-        "INSERT INTO invoice_lines (invoice_id, position, tenant_id, kind, meter_id, description,
-                period_start, period_end, quantity, previous_quantity, price, unit_price, tiers,
-                amount, discount, tax, total)
-         SELECT * FROM unnest($1::uuid[], $2::int[], $3::uuid[], $4::text[], $5::uuid[], $6::text[],
-                $7::timestamptz[], $8::timestamptz[], $9::numeric[], $10::numeric[], $11::jsonb[],
-                $12::numeric[], $13::jsonb[], $14::numeric[], $15::numeric[], $16::numeric[], $17::numeric[])",
-        &[
-            &invoice, &position, &tenant, &kind, &meter, &description, &start, &end, &quantity,
-            &previous, &price, &unit, &tiers, &amount, &discount, &tax, &total,
-        ],
-    )
-    .await?;
+    writer.finish().await?;
     Ok(())
 }
 
@@ -738,9 +810,10 @@ async fn tenants(db: &tokio_postgres::Client, only: Option<Uuid>) -> anyhow::Res
         .collect())
 }
 
-/// Runs the rating job.
+/// Runs the rating job. `extra` connections (optional) read usage in parallel with `db`.
 pub async fn run(
     db: &mut tokio_postgres::Client,
+    extra: &[tokio_postgres::Client],
     opts: &Options,
     quiet: bool,
 ) -> anyhow::Result<Summary> {
@@ -751,6 +824,7 @@ pub async fn run(
     for tenant in tenants(db, opts.tenant).await? {
         let rated = rate_tenant(
             db,
+            extra,
             tenant,
             opts.period,
             opts.customer.as_deref(),
@@ -772,7 +846,9 @@ pub async fn run(
             *sum.totals.entry(r.currency.clone()).or_default() += r.total;
         }
         if !opts.dry_run {
+            let t0 = Instant::now();
             let (w, u, f) = write(db, &rated).await?;
+            sum.write += t0.elapsed();
             sum.invoices_written += w;
             sum.invoices_unchanged += u;
             sum.invoices_frozen += f;
@@ -782,6 +858,8 @@ pub async fn run(
     }
     progress.finish();
     sum.usage_rows = stats.rows;
+    sum.load = stats.load;
+    sum.query = stats.query;
     sum.elapsed = started.elapsed();
     Ok(sum)
 }
@@ -858,7 +936,7 @@ pub async fn reconcile(
     let mut checked = 0;
     let mut stats = LoadStats::default();
     for t in tenants(db, tenant).await? {
-        let rated = rate_tenant(db, t, period, None, &mut stats).await?;
+        let rated = rate_tenant(db, &[], t, period, None, &mut stats).await?;
         let now: HashMap<Uuid, &Rated> = rated.iter().map(|r| (r.subscription, r)).collect();
         let invoices = db
             .query(
@@ -886,8 +964,12 @@ pub async fn reconcile(
             };
             let lines = db
                 .query(
-                    "SELECT kind, meter_id, quantity, price, amount, tax, total, description, previous_quantity
-                       FROM invoice_lines WHERE invoice_id = $1 ORDER BY position",
+                    "SELECT l.kind, l.meter_id, l.quantity, coalesce(l.price, pp.price), l.amount, l.tax,
+                            l.total, l.description, l.previous_quantity
+                       FROM invoice_lines l JOIN invoices i ON i.id = l.invoice_id
+                       JOIN subscriptions s ON s.id = i.subscription_id
+                       LEFT JOIN plan_prices pp ON pp.plan_version_id = s.plan_version_id AND pp.meter_id = l.meter_id
+                      WHERE l.invoice_id = $1 ORDER BY l.position",
                     &[&id],
                 )
                 .await?;
@@ -908,8 +990,9 @@ pub async fn reconcile(
                     continue;
                 }
                 let q: Decimal = l.get(2);
-                let price: Value = l.get(3);
-                let price = Price::from_json(&price.to_string())?;
+                let price: Option<Value> = l.get(3);
+                let price = Price::from_json(&price.unwrap_or_default().to_string())
+                    .with_context(|| format!("the price of line {desc:?}"))?;
                 let expected = billing_core::money::round_line(price.total(q)?, currency);
                 diff(
                     format!("{desc}: amount = price × quantity"),

@@ -22,6 +22,7 @@ use arrow::record_batch::RecordBatch;
 use chrono::{DateTime, Utc};
 use datafusion::datasource::MemTable;
 use datafusion::prelude::SessionContext;
+use futures_util::StreamExt;
 use rust_decimal::Decimal;
 use schemas::meter::Aggregation;
 use std::collections::{BTreeSet, HashMap};
@@ -29,6 +30,15 @@ use std::sync::Arc;
 use uuid::Uuid;
 
 use crate::period::ceil_minute;
+
+/// Which optional columns a load needs.
+#[derive(Debug, Clone, Copy)]
+struct Need {
+    /// min, max and latest (MIN, MAX, LATEST meters).
+    extremes: bool,
+    /// group-by values (cost breakdowns).
+    groups: bool,
+}
 
 /// Scale of quantities inside Arrow/DataFusion.
 pub const SCALE: i8 = 16;
@@ -86,6 +96,10 @@ pub type AggKey = (u32, Uuid, Option<String>);
 #[derive(Debug, Clone, Copy, Default)]
 pub struct LoadStats {
     pub rows: u64,
+    /// Time spent reading PostgreSQL rows into Arrow batches.
+    pub load: std::time::Duration,
+    /// Time spent in DataFusion (join, aggregation, collecting results).
+    pub query: std::time::Duration,
 }
 
 /// Decimal → i128 at [`SCALE`], refusing values that would need rounding.
@@ -280,23 +294,35 @@ async fn load(
     edge_days: &[DateTime<Utc>],
     edge_hours: &[DateTime<Utc>],
     unique: bool,
+    need: Need,
     stats: &mut LoadStats,
 ) -> anyhow::Result<Vec<RecordBatch>> {
     let schema = usage_schema(unique);
+    // Only the columns the meters' aggregations read travel (PostgreSQL's output is most of
+    // the cost).
     let (table, cols) = if unique {
         ("usage_unique", "value")
-    } else {
+    } else if need.extremes {
         (
             "usage",
             "sum_value, event_count, min_value, max_value, latest_value, latest_time",
         )
+    } else {
+        (
+            "usage",
+            "sum_value, event_count, NULL::numeric, NULL::numeric, NULL::numeric, NULL::timestamptz",
+        )
+    };
+    let group = if need.groups {
+        "u.group_values::text"
+    } else {
+        "''::text"
     };
     let subjects: Option<Vec<String>> = subjects.map(<[String]>::to_vec);
     let mut out = Vec::new();
     let mut b = Builders::new();
-    let base = format!(
-        "SELECT u.subject, u.meter_id, u.window_start, u.group_values::text, {cols} FROM {table}_"
-    );
+    let base =
+        format!("SELECT u.subject, u.meter_id, u.window_start, {group}, {cols} FROM {table}_");
     let filter =
         "u.tenant_id = $1 AND u.meter_id = ANY($2) AND ($3::text[] IS NULL OR u.subject = ANY($3))";
     let queries: [(String, i64, &[DateTime<Utc>]); 3] = [
@@ -323,23 +349,28 @@ async fn load(
         ),
     ];
     for (sql, grain, edges) in queries {
-        let rows = if grain == DAY {
-            db.query(&sql, &[&tenant, &meters, &subjects, &range.0, &range.1])
-                .await
+        let params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = if grain == DAY {
+            vec![&tenant, &meters, &subjects, &range.0, &range.1]
         } else {
             if edges.is_empty() {
                 continue;
             }
-            db.query(&sql, &[&tenant, &meters, &subjects, &edges]).await
-        }
-        .with_context(|| format!("reading {table} rows at grain {grain}s"))?;
-        for r in &rows {
-            b.push(r, grain, unique)?;
+            vec![&tenant, &meters, &subjects, &edges]
+        };
+        // Streamed: rows go into the Arrow builders as they arrive, never all held as rows.
+        let rows = db
+            .query_raw(&sql, params)
+            .await
+            .with_context(|| format!("reading {table} rows at grain {grain}s"))?;
+        futures_util::pin_mut!(rows);
+        while let Some(r) = rows.next().await {
+            let r = r.with_context(|| format!("reading {table} rows at grain {grain}s"))?;
+            b.push(&r, grain, unique)?;
+            stats.rows += 1;
             if b.len == BATCH {
                 out.push(b.finish(&schema, unique)?);
             }
         }
-        stats.rows += rows.len() as u64;
     }
     if b.len > 0 || out.is_empty() {
         out.push(b.finish(&schema, unique)?);
@@ -378,6 +409,19 @@ const INSIDE: &str = "
     OR (u.grain = 60 AND u.ws >= s.f AND u.ws < s.t
         AND NOT (u.ws - (u.ws % 3600) >= s.f AND u.ws - (u.ws % 3600) + 3600 <= s.t))";
 
+/// Batches dealt round-robin into one partition per core, so DataFusion scans, joins and
+/// pre-aggregates them in parallel.
+fn partitions(batches: Vec<RecordBatch>) -> Vec<Vec<RecordBatch>> {
+    let n = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(batches.len().max(1));
+    let mut parts = vec![Vec::new(); n];
+    for (i, b) in batches.into_iter().enumerate() {
+        parts[i % n].push(b);
+    }
+    parts
+}
+
 fn dec_at(a: &Decimal128Array, i: usize) -> anyhow::Result<Option<Decimal>> {
     if a.is_null(i) {
         return Ok(None);
@@ -392,9 +436,11 @@ fn col<'a, T: 'static>(b: &'a RecordBatch, name: &str) -> anyhow::Result<&'a T> 
 }
 
 /// Aggregates the usage of `meters` (id, aggregation) over `spans` for one tenant; with
-/// `by_group`, per group-by values too. Spans with no usage have no entry.
+/// `by_group`, per group-by values too. Spans with no usage have no entry. With `extra`
+/// connections, the meters are read over all connections at once (one PostgreSQL backend each).
 pub async fn aggregate(
     db: &tokio_postgres::Client,
+    extra: &[tokio_postgres::Client],
     tenant: Uuid,
     meters: &[(Uuid, Aggregation)],
     spans: &[SpanSubject],
@@ -437,21 +483,49 @@ pub async fn aggregate(
     };
 
     if !plain.is_empty() {
-        let batches = load(
-            db,
-            tenant,
-            &plain,
-            subjects.as_deref(),
-            (from, to),
-            &edge_days,
-            &edge_hours,
-            false,
-            stats,
-        )
-        .await?;
+        let t0 = std::time::Instant::now();
+        let need = Need {
+            extremes: meters.iter().any(|(_, a)| {
+                matches!(a, Aggregation::Min | Aggregation::Max | Aggregation::Latest)
+            }),
+            groups: by_group,
+        };
+        let conns: Vec<&tokio_postgres::Client> = std::iter::once(db).chain(extra).collect();
+        let n = conns.len().min(plain.len());
+        let mut shares: Vec<Vec<Uuid>> = vec![Vec::new(); n];
+        for (i, m) in plain.iter().enumerate() {
+            shares[i % n].push(*m);
+        }
+        let loads = conns.iter().zip(&shares).map(|(c, share)| {
+            let (subjects, edge_days, edge_hours) = (subjects.as_deref(), &edge_days, &edge_hours);
+            async move {
+                let mut st = LoadStats::default();
+                let b = load(
+                    c,
+                    tenant,
+                    share,
+                    subjects,
+                    (from, to),
+                    edge_days,
+                    edge_hours,
+                    false,
+                    need,
+                    &mut st,
+                )
+                .await?;
+                anyhow::Ok((b, st))
+            }
+        });
+        let mut batches = Vec::new();
+        for (b, st) in futures_util::future::try_join_all(loads).await? {
+            batches.extend(b);
+            stats.rows += st.rows;
+        }
+        stats.load += t0.elapsed();
+        let t0 = std::time::Instant::now();
         ctx.register_table(
             "usage",
-            Arc::new(MemTable::try_new(usage_schema(false), vec![batches])?),
+            Arc::new(MemTable::try_new(usage_schema(false), partitions(batches))?),
         )?;
         let df = ctx
             .sql(&format!(
@@ -487,8 +561,10 @@ pub async fn aggregate(
                 a.latest = dec_at(latest, i)?;
             }
         }
+        stats.query += t0.elapsed();
     }
     if !uniq.is_empty() {
+        let t0 = std::time::Instant::now();
         let batches = load(
             db,
             tenant,
@@ -498,12 +574,18 @@ pub async fn aggregate(
             &edge_days,
             &edge_hours,
             true,
+            Need {
+                extremes: false,
+                groups: by_group,
+            },
             stats,
         )
         .await?;
+        stats.load += t0.elapsed();
+        let t0 = std::time::Instant::now();
         ctx.register_table(
             "uniq",
-            Arc::new(MemTable::try_new(usage_schema(true), vec![batches])?),
+            Arc::new(MemTable::try_new(usage_schema(true), partitions(batches))?),
         )?;
         let df = ctx
             .sql(&format!(
@@ -527,6 +609,7 @@ pub async fn aggregate(
                 out.entry(key).or_default().unique = n.value(i);
             }
         }
+        stats.query += t0.elapsed();
     }
     Ok(out)
 }

@@ -226,6 +226,7 @@ impl Fixture {
     async fn run(&mut self, period: &str) -> rater::run::Summary {
         run(
             &mut self.db,
+            &[],
             &Options {
                 period: ym(period),
                 tenant: Some(self.tenant),
@@ -375,6 +376,7 @@ async fn a_period_is_rated_into_draft_invoices_with_hand_checked_amounts() {
             .get(0);
     let dry = run(
         &mut f.db,
+        &[],
         &Options {
             period: ym("2026-04"),
             tenant: None,
