@@ -6,7 +6,9 @@
 //! - [`run`]: the rating job (draft invoices, corrections, idempotence), issuing with gapless
 //!   numbers, and reconciliation.
 //! - [`show`]: invoices as text for billing ops.
+//! - [`analysis`]: costs by group-by dimension, what-if under another plan, current spend.
 
+pub mod analysis;
 pub mod period;
 pub mod run;
 pub mod show;

@@ -78,6 +78,49 @@ enum Command {
         #[command(flatten)]
         scope: Scope,
     },
+    /// Rated usage amounts broken down by a meter group-by dimension (cost per project, team,
+    /// model…); nothing is written.
+    Costs {
+        #[command(flatten)]
+        scope: Scope,
+        /// The group-by name to break down by, e.g. `project` or `model`.
+        #[arg(long)]
+        by: String,
+        /// JSON rows instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// What the invoices of periods FROM..=TO would have been under another plan, beside what
+    /// they are under each customer's own plan; nothing is written.
+    Simulate {
+        /// Plan key to simulate.
+        #[arg(long)]
+        plan: String,
+        /// Plan version (default: the latest).
+        #[arg(long)]
+        version: Option<i32>,
+        /// First period, YYYY-MM.
+        #[arg(long)]
+        from: String,
+        /// Last period, YYYY-MM (inclusive).
+        #[arg(long)]
+        to: String,
+        /// The tenant (id): plans belong to one tenant.
+        #[arg(long)]
+        tenant: Uuid,
+        /// Only this customer (key or id).
+        #[arg(long)]
+        customer: Option<String>,
+        /// JSON rows (with the simulated invoices) instead of a table.
+        #[arg(long)]
+        json: bool,
+        #[arg(
+            long,
+            env = "DATABASE_URL",
+            default_value = "postgres://postgres@127.0.0.1:5432/metering"
+        )]
+        database_url: String,
+    },
     /// Print the period's invoices: lines, tiers, tax and totals.
     Show {
         #[command(flatten)]
@@ -198,6 +241,74 @@ async fn main() -> anyhow::Result<()> {
                 "reconcile {}: {checked} invoices, no difference",
                 scope.period
             );
+        }
+        Command::Costs { scope, by, json } => {
+            let db = rater::connect(&scope.database_url).await?;
+            let ym = period(&scope.period)?;
+            let mut rows = Vec::new();
+            for t in rater::run::tenants(&db, scope.tenant).await? {
+                rows.extend(
+                    rater::analysis::costs(&db, t, ym, scope.customer.as_deref(), &by).await?,
+                );
+            }
+            if json {
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+            } else {
+                let mut totals: std::collections::BTreeMap<
+                    (String, String, String),
+                    (Decimal, Decimal),
+                > = Default::default();
+                for r in &rows {
+                    let e = totals
+                        .entry((r.value.clone(), r.meter.clone(), r.currency.clone()))
+                        .or_default();
+                    e.0 += r.quantity;
+                    e.1 += r.amount;
+                }
+                println!(
+                    "{:<24} {:<24} {:>18} {:>14}",
+                    by, "meter", "quantity", "amount"
+                );
+                for ((v, m, c), (q, a)) in totals {
+                    println!("{v:<24} {m:<24} {:>18} {:>10} {c}", q.normalize(), a);
+                }
+            }
+        }
+        Command::Simulate {
+            plan,
+            version,
+            from,
+            to,
+            tenant,
+            customer,
+            json,
+            database_url,
+        } => {
+            let db = rater::connect(&database_url).await?;
+            let o = rater::analysis::plan_override(&db, tenant, &plan, version).await?;
+            let rows = rater::analysis::simulate(
+                &db,
+                tenant,
+                &o,
+                period(&from)?,
+                period(&to)?,
+                customer.as_deref(),
+            )
+            .await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+            } else {
+                println!(
+                    "{:<24} {:<8} {:>14} {:>14} {:>14}",
+                    "customer", "period", "actual", o.label, "difference"
+                );
+                for r in &rows {
+                    println!(
+                        "{:<24} {:<8} {:>14} {:>14} {:>14} {}",
+                        r.customer, r.period, r.actual, r.simulated, r.difference, r.currency
+                    );
+                }
+            }
         }
         Command::Show { scope } => {
             let db = rater::connect(&scope.database_url).await?;

@@ -70,6 +70,9 @@ pub struct Summary {
     pub invoices: Vec<Rated>,
 }
 
+/// (period start, period end, span from, span to).
+pub type SpanBounds = (DateTime<Utc>, DateTime<Utc>, DateTime<Utc>, DateTime<Utc>);
+
 /// A subscription as the rater needs it.
 #[derive(Debug, Clone)]
 pub struct Sub {
@@ -89,10 +92,7 @@ pub struct Sub {
 
 impl Sub {
     /// The subscription's share of its customer's period `ym`, if any.
-    pub fn span(
-        &self,
-        ym: YearMonth,
-    ) -> Option<(DateTime<Utc>, DateTime<Utc>, DateTime<Utc>, DateTime<Utc>)> {
+    pub fn span(&self, ym: YearMonth) -> Option<SpanBounds> {
         let (ps, pe) = bounds(ym, self.anchor_day, self.tz);
         let from = ps.max(self.started_at);
         let to = self.ended_at.map_or(pe, |e| e.min(pe));
@@ -308,6 +308,18 @@ async fn load_tax(
         .collect())
 }
 
+/// Every meter priced by one of the versions, once, with its aggregation.
+pub fn priced_meters(prices: &HashMap<Uuid, Vec<MeterPrice>>) -> Vec<(Uuid, Aggregation)> {
+    let mut meters: Vec<(Uuid, Aggregation)> = prices
+        .values()
+        .flatten()
+        .map(|m| (m.meter, m.aggregation))
+        .collect();
+    meters.sort_by_key(|(m, _)| *m);
+    meters.dedup_by_key(|(m, _)| *m);
+    meters
+}
+
 /// A span of one subscription in one period, as aggregated.
 #[derive(Debug, Clone)]
 struct SpanDef {
@@ -448,17 +460,64 @@ async fn billed(
         .collect())
 }
 
+/// Another plan version to rate with (simulation).
+#[derive(Debug, Clone)]
+pub struct PlanOverride {
+    pub version: Uuid,
+    /// Shown on recurring lines, e.g. `pro v2`.
+    pub label: String,
+    pub recurring_fee: Decimal,
+    pub currency: Currency,
+}
+
+/// What a rating covers.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Scope<'a> {
+    /// One customer (key or id).
+    pub customer: Option<&'a str>,
+    /// Rate every subscription as if it were on this plan version (subscriptions in another
+    /// currency are left out); no corrections are looked for.
+    pub plan: Option<&'a PlanOverride>,
+}
+
+/// The event subjects of each customer.
+pub async fn load_subjects(
+    db: &tokio_postgres::Client,
+    tenant: Uuid,
+    customers: &[Uuid],
+) -> anyhow::Result<HashMap<Uuid, Vec<String>>> {
+    let mut subjects: HashMap<Uuid, Vec<String>> = HashMap::new();
+    for r in db
+        .query(
+            "SELECT customer_id, subject FROM customer_subjects WHERE tenant_id = $1 AND customer_id = ANY($2)",
+            &[&tenant, &customers],
+        )
+        .await?
+    {
+        subjects.entry(r.get(0)).or_default().push(r.get(1));
+    }
+    Ok(subjects)
+}
+
 /// Rates one tenant's subscriptions for `ym` (and corrections of the periods before).
 pub async fn rate_tenant(
     db: &tokio_postgres::Client,
     extra: &[tokio_postgres::Client],
     tenant: Uuid,
     ym: YearMonth,
-    customer: Option<&str>,
+    scope: Scope<'_>,
     stats: &mut LoadStats,
 ) -> anyhow::Result<Vec<Rated>> {
     let t0 = Instant::now();
-    let subs = load_subs(db, tenant, customer).await?;
+    let mut subs = load_subs(db, tenant, scope.customer).await?;
+    if let Some(o) = scope.plan {
+        subs.retain(|s| s.currency == o.currency);
+        for s in &mut subs {
+            s.plan_version = o.version;
+            s.plan = o.label.clone();
+            s.recurring_fee = o.recurring_fee;
+        }
+    }
     tracing::debug!(
         seconds = t0.elapsed().as_secs_f64(),
         n = subs.len(),
@@ -476,7 +535,12 @@ pub async fn rate_tenant(
     let billed = billed(db, tenant, &sub_ids).await?;
     let mut priors = Vec::new();
     let mut p = ym;
-    for _ in 0..CORRECTION_PERIODS {
+    let corrections = if scope.plan.is_some() {
+        0
+    } else {
+        CORRECTION_PERIODS
+    };
+    for _ in 0..corrections {
         p = p.prev();
         priors.push(p);
     }
@@ -493,18 +557,8 @@ pub async fn rate_tenant(
         .map(|r| (r.get(0), r.get(1)))
         .collect();
 
-    // Subjects per customer.
     let customers: Vec<Uuid> = subs.iter().map(|s| s.customer_id).collect();
-    let mut subjects: HashMap<Uuid, Vec<String>> = HashMap::new();
-    for r in db
-        .query(
-            "SELECT customer_id, subject FROM customer_subjects WHERE tenant_id = $1 AND customer_id = ANY($2)",
-            &[&tenant, &customers],
-        )
-        .await?
-    {
-        subjects.entry(r.get(0)).or_default().push(r.get(1));
-    }
+    let subjects = load_subjects(db, tenant, &customers).await?;
 
     tracing::debug!(
         seconds = t0.elapsed().as_secs_f64(),
@@ -535,13 +589,7 @@ pub async fn rate_tenant(
             }
         }
     }
-    let mut meters: Vec<(Uuid, Aggregation)> = prices
-        .values()
-        .flatten()
-        .map(|m| (m.meter, m.aggregation))
-        .collect();
-    meters.sort_by_key(|(m, _)| *m);
-    meters.dedup_by_key(|(m, _)| *m);
+    let meters = priced_meters(&prices);
     tracing::debug!(seconds = t0.elapsed().as_secs_f64(), "spans built");
     let aggs = aggregate(db, extra, tenant, &meters, &rows, false, stats).await?;
     tracing::debug!(seconds = t0.elapsed().as_secs_f64(), "usage aggregated");
@@ -798,7 +846,7 @@ async fn insert_lines(
     Ok(())
 }
 
-async fn tenants(db: &tokio_postgres::Client, only: Option<Uuid>) -> anyhow::Result<Vec<Uuid>> {
+pub async fn tenants(db: &tokio_postgres::Client, only: Option<Uuid>) -> anyhow::Result<Vec<Uuid>> {
     Ok(db
         .query(
             "SELECT DISTINCT tenant_id FROM subscriptions WHERE ($1::uuid IS NULL OR tenant_id = $1) ORDER BY 1",
@@ -827,7 +875,10 @@ pub async fn run(
             extra,
             tenant,
             opts.period,
-            opts.customer.as_deref(),
+            Scope {
+                customer: opts.customer.as_deref(),
+                plan: None,
+            },
             &mut stats,
         )
         .await?;
@@ -936,7 +987,7 @@ pub async fn reconcile(
     let mut checked = 0;
     let mut stats = LoadStats::default();
     for t in tenants(db, tenant).await? {
-        let rated = rate_tenant(db, &[], t, period, None, &mut stats).await?;
+        let rated = rate_tenant(db, &[], t, period, Scope::default(), &mut stats).await?;
         let now: HashMap<Uuid, &Rated> = rated.iter().map(|r| (r.subscription, r)).collect();
         let invoices = db
             .query(

@@ -285,18 +285,32 @@ fn usage_schema(unique: bool) -> Arc<Schema> {
 }
 
 /// Reads the rows of one table kind (aggregates or distinct values) at all three grains.
+/// Where to read: the tenant, its subjects (all when `None`), the whole range and the days and
+/// hours to read at finer grains.
+#[derive(Debug, Clone, Copy)]
+struct Reach<'a> {
+    tenant: Uuid,
+    subjects: Option<&'a [String]>,
+    range: (DateTime<Utc>, DateTime<Utc>),
+    edge_days: &'a [DateTime<Utc>],
+    edge_hours: &'a [DateTime<Utc>],
+}
+
 async fn load(
     db: &tokio_postgres::Client,
-    tenant: Uuid,
+    reach: Reach<'_>,
     meters: &[Uuid],
-    subjects: Option<&[String]>,
-    range: (DateTime<Utc>, DateTime<Utc>),
-    edge_days: &[DateTime<Utc>],
-    edge_hours: &[DateTime<Utc>],
     unique: bool,
     need: Need,
     stats: &mut LoadStats,
 ) -> anyhow::Result<Vec<RecordBatch>> {
+    let Reach {
+        tenant,
+        subjects,
+        range,
+        edge_days,
+        edge_hours,
+    } = reach;
     let schema = usage_schema(unique);
     // Only the columns the meters' aggregations read travel (PostgreSQL's output is most of
     // the cost).
@@ -469,6 +483,13 @@ pub async fn aggregate(
         .map(|(m, _)| *m)
         .collect();
 
+    let reach = Reach {
+        tenant,
+        subjects: subjects.as_deref(),
+        range: (from, to),
+        edge_days: &edge_days,
+        edge_hours: &edge_hours,
+    };
     let ctx = SessionContext::new();
     let sb = spans_batch(spans)?;
     ctx.register_table(
@@ -496,25 +517,10 @@ pub async fn aggregate(
         for (i, m) in plain.iter().enumerate() {
             shares[i % n].push(*m);
         }
-        let loads = conns.iter().zip(&shares).map(|(c, share)| {
-            let (subjects, edge_days, edge_hours) = (subjects.as_deref(), &edge_days, &edge_hours);
-            async move {
-                let mut st = LoadStats::default();
-                let b = load(
-                    c,
-                    tenant,
-                    share,
-                    subjects,
-                    (from, to),
-                    edge_days,
-                    edge_hours,
-                    false,
-                    need,
-                    &mut st,
-                )
-                .await?;
-                anyhow::Ok((b, st))
-            }
+        let loads = conns.iter().zip(&shares).map(|(c, share)| async move {
+            let mut st = LoadStats::default();
+            let b = load(c, reach, share, false, need, &mut st).await?;
+            anyhow::Ok((b, st))
         });
         let mut batches = Vec::new();
         for (b, st) in futures_util::future::try_join_all(loads).await? {
@@ -567,12 +573,8 @@ pub async fn aggregate(
         let t0 = std::time::Instant::now();
         let batches = load(
             db,
-            tenant,
+            reach,
             &uniq,
-            subjects.as_deref(),
-            (from, to),
-            &edge_days,
-            &edge_hours,
             true,
             Need {
                 extremes: false,

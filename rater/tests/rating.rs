@@ -4,6 +4,7 @@
 
 use chrono::{DateTime, Duration, TimeZone, Timelike, Utc};
 use rand::{Rng, SeedableRng};
+use rater::analysis::{costs, plan_override, simulate, spend};
 use rater::period::{bounds, YearMonth};
 use rater::run::{issue, reconcile, run, Options};
 use rust_decimal::Decimal;
@@ -35,6 +36,8 @@ struct Ev {
     time: DateTime<Utc>,
     /// The value (SUM), or the distinct value (UNIQUE_COUNT); COUNT ignores it.
     value: String,
+    /// The `project` group-by value, if any.
+    project: Option<&'static str>,
 }
 
 struct Fixture {
@@ -85,16 +88,20 @@ impl Fixture {
     async fn add(&self, evs: &[Ev]) {
         for e in evs {
             let m = self.meters[e.meter];
+            let gv = match e.project {
+                Some(p) => serde_json::json!({ "project": p }),
+                None => serde_json::json!({}),
+            };
             for (g, secs) in [("minute", 60), ("hour", 3600), ("day", 86_400)] {
                 let w = trunc(e.time, secs);
                 if e.meter == "users" {
                     self.db
                         .execute(
                             &format!(
-                                "INSERT INTO usage_unique_{g} (tenant_id, meter_id, window_start, subject, value)
-                                 VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING"
+                                "INSERT INTO usage_unique_{g} (tenant_id, meter_id, window_start, subject, value, group_values)
+                                 VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING"
                             ),
-                            &[&self.tenant, &m, &w, &e.subject, &e.value],
+                            &[&self.tenant, &m, &w, &e.subject, &e.value, &gv],
                         )
                         .await
                         .expect("unique row");
@@ -109,8 +116,8 @@ impl Fixture {
                     .execute(
                         &format!(
                             "INSERT INTO usage_{g} AS u (tenant_id, meter_id, window_start, subject, sum_value,
-                                    event_count, min_value, max_value, latest_value, latest_time)
-                             VALUES ($1, $2, $3, $4, $5, 1, $5, $5, $5, $6)
+                                    event_count, min_value, max_value, latest_value, latest_time, group_values)
+                             VALUES ($1, $2, $3, $4, $5, 1, $5, $5, $5, $6, $7)
                              ON CONFLICT (tenant_id, meter_id, window_start, subject, group_values) DO UPDATE SET
                                sum_value = u.sum_value + excluded.sum_value,
                                event_count = u.event_count + 1,
@@ -120,12 +127,28 @@ impl Fixture {
                                               THEN excluded.latest_value ELSE u.latest_value END,
                                latest_time = greatest(u.latest_time, excluded.latest_time)"
                         ),
-                        &[&self.tenant, &m, &w, &e.subject, &v, &e.time],
+                        &[&self.tenant, &m, &w, &e.subject, &v, &e.time, &gv],
                     )
                     .await
                     .expect("usage row");
             }
         }
+    }
+
+    /// The plan and acme: Europe/Berlin, taxed in DE, subscribed from 16 March local midnight.
+    async fn with_acme() -> (Fixture, Uuid) {
+        let f = Fixture::new().await;
+        let v = f.plan().await;
+        f.customer(
+            "acme",
+            ("Europe/Berlin", 1),
+            Some("DE"),
+            &["acme-1", "acme-2"],
+            v,
+            t("2026-03-15T23:00:00Z"),
+        )
+        .await;
+        (f, v)
     }
 
     async fn plan(&self) -> Uuid {
@@ -186,8 +209,7 @@ impl Fixture {
     async fn customer(
         &self,
         key: &str,
-        tz: &str,
-        anchor: i32,
+        (tz, anchor): (&str, i32),
         tax: Option<&str>,
         subjects: &[&str],
         version: Uuid,
@@ -297,6 +319,7 @@ fn ev(meter: &'static str, subject: &str, time: &str, value: &str) -> Ev {
         subject: subject.into(),
         time: t(time),
         value: value.into(),
+        project: None,
     }
 }
 
@@ -320,6 +343,7 @@ fn acme_events() -> Vec<Ev> {
             subject: "acme-2".into(),
             time: t("2026-03-18T00:00:00Z") + Duration::hours(i * 7),
             value: String::new(),
+            project: None,
         });
     }
     v.push(ev("requests", "acme-2", "2026-03-10T00:00:00Z", "")); // before the subscription
@@ -328,18 +352,7 @@ fn acme_events() -> Vec<Ev> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_period_is_rated_into_draft_invoices_with_hand_checked_amounts() {
-    let mut f = Fixture::new().await;
-    let v = f.plan().await;
-    f.customer(
-        "acme",
-        "Europe/Berlin",
-        1,
-        Some("DE"),
-        &["acme-1", "acme-2"],
-        v,
-        t("2026-03-15T23:00:00Z"),
-    )
-    .await;
+    let (mut f, _) = Fixture::with_acme().await;
     f.add(&acme_events()).await;
     let s = f.run("2026-03").await;
     assert_eq!((s.invoices.len(), s.invoices_written), (1, 1));
@@ -403,22 +416,10 @@ async fn a_period_is_rated_into_draft_invoices_with_hand_checked_amounts() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rerunning_changes_nothing_and_late_usage_becomes_a_correction_on_the_next_invoice() {
-    let mut f = Fixture::new().await;
-    let v = f.plan().await;
-    f.customer(
-        "acme",
-        "Europe/Berlin",
-        1,
-        Some("DE"),
-        &["acme-1", "acme-2"],
-        v,
-        t("2026-03-15T23:00:00Z"),
-    )
-    .await;
+    let (mut f, v) = Fixture::with_acme().await;
     f.customer(
         "beta",
-        "UTC",
-        1,
+        ("UTC", 1),
         None,
         &["beta-1"],
         v,
@@ -540,8 +541,7 @@ async fn issuing_an_open_period_is_refused_and_leaves_no_gap() {
     let v = f.plan().await;
     f.customer(
         "acme",
-        "UTC",
-        1,
+        ("UTC", 1),
         None,
         &["acme-1"],
         v,
@@ -582,8 +582,7 @@ async fn periods_across_zones_and_grains_count_every_minute_once() {
     for (key, tz, anchor, subjects) in &customers {
         f.customer(
             key,
-            tz.name(),
-            *anchor as i32,
+            (tz.name(), *anchor as i32),
             None,
             subjects,
             v,
@@ -616,6 +615,7 @@ async fn periods_across_zones_and_grains_count_every_minute_once() {
             } else {
                 format!("{}.{}", rng.random_range(0..500), rng.random_range(0..100))
             },
+            project: None,
         });
     }
     f.add(&evs).await;
@@ -680,4 +680,134 @@ async fn periods_across_zones_and_grains_count_every_minute_once() {
                 .sum::<Decimal>()
         );
     }
+}
+
+/// Costs by project split each usage line by quantity, to the cent; simulate rates the same
+/// usage under another plan; spend answers the period containing a given instant.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn costs_by_dimension_simulation_and_spend() {
+    let (mut f, _) = Fixture::with_acme().await;
+    // The same 1500 tokens as acme_events(), now 1000 for project "alpha", 500 for "beta".
+    let mut evs: Vec<Ev> = acme_events()
+        .into_iter()
+        .filter(|e| e.meter != "tokens")
+        .collect();
+    for (time, value, project) in [
+        ("2026-03-15T23:00:00Z", "500", "alpha"),
+        ("2026-03-20T12:34:56Z", "500", "alpha"),
+        ("2026-03-31T21:59:30Z", "500", "beta"),
+        ("2026-03-31T22:00:00Z", "800", "beta"), // April
+    ] {
+        let mut e = ev("tokens", "acme-1", time, value);
+        e.project = Some(project);
+        evs.push(e);
+    }
+    f.add(&evs).await;
+    f.run("2026-03").await;
+
+    let rows = costs(&f.db, f.tenant, ym("2026-03"), None, "project")
+        .await
+        .expect("costs");
+    let tokens: Vec<(&str, Decimal, Decimal)> = rows
+        .iter()
+        .filter(|r| r.meter == "tokens")
+        .map(|r| (r.value.as_str(), r.quantity, r.amount))
+        .collect();
+    // 12.50 split 1000 : 500 = 8.333… : 4.1666… → 8.33 and 4.17 (largest remainder).
+    assert_eq!(
+        tokens,
+        [
+            ("alpha", d("1000"), d("8.33")),
+            ("beta", d("500"), d("4.17"))
+        ]
+    );
+    // Usage without the dimension is "(none)"; every part adds up to the invoice's lines.
+    assert!(rows
+        .iter()
+        .any(|r| r.meter == "requests" && r.value == "(none)"));
+    let total: Decimal = rows.iter().map(|r| r.amount).sum();
+    let lines: Decimal = f
+        .lines("acme", "2026-03")
+        .await
+        .iter()
+        .filter(|l| l.0 == "usage")
+        .map(|l| l.3)
+        .sum();
+    assert_eq!(total, lines);
+
+    // A cheaper plan: tokens at 0.001 flat per unit, no fee, nothing else priced.
+    let cheap_plan: Uuid =
+        f.db.query_one(
+            "INSERT INTO plans (tenant_id, key, tier) VALUES ($1, 'cheap', 'basic') RETURNING id",
+            &[&f.tenant],
+        )
+        .await
+        .expect("plan")
+        .get(0);
+    let cheap: Uuid = f
+        .db
+        .query_one(
+            "INSERT INTO plan_versions (tenant_id, plan_id, version, currency) VALUES ($1, $2, 1, 'USD') RETURNING id",
+            &[&f.tenant, &cheap_plan],
+        )
+        .await
+        .expect("version")
+        .get(0);
+    f.db.execute(
+        "INSERT INTO plan_prices (tenant_id, plan_version_id, meter_id, price) VALUES ($1, $2, $3, $4)",
+        &[&f.tenant, &cheap, &f.meters["tokens"], &serde_json::json!({"type": "unit", "amount": "0.001"})],
+    )
+    .await
+    .expect("price");
+    let before = stamp(&f.db).await;
+    let o = plan_override(&f.db, f.tenant, "cheap", None)
+        .await
+        .expect("plan");
+    let sim = simulate(
+        &f.db,
+        f.tenant,
+        &o,
+        ym("2026-03"),
+        ym("2026-04"),
+        Some("acme"),
+    )
+    .await
+    .expect("simulate");
+    assert_eq!(sim.len(), 2);
+    // March: 1500 × 0.001 = 1.50, tax 19 % = 0.285 → 0.29: 1.79 against 47.56.
+    assert_eq!(
+        (sim[0].period.as_str(), sim[0].actual, sim[0].simulated),
+        ("2026-03", d("47.56"), d("1.79"))
+    );
+    assert_eq!(sim[0].difference, d("-45.77"));
+    // April: 800 tokens → 0.80 + 0.15 tax.
+    assert_eq!(
+        (sim[1].period.as_str(), sim[1].simulated),
+        ("2026-04", d("0.95"))
+    );
+    assert_eq!(stamp(&f.db).await, before, "simulate writes nothing");
+    let err = plan_override(&f.db, f.tenant, "nope", None)
+        .await
+        .expect_err("unknown plan");
+    assert!(err.to_string().contains("nope"), "{err}");
+
+    // Spend at a moment of March (Berlin) is March's invoice so far; before the subscription,
+    // there is none.
+    let s = spend(&f.db, f.tenant, "acme", t("2026-03-20T00:00:00Z"))
+        .await
+        .expect("spend")
+        .expect("subscribed");
+    assert_eq!((s.period.as_str(), s.total), ("2026-03", d("47.56")));
+    let s = spend(&f.db, f.tenant, "acme", t("2026-03-31T22:30:00Z"))
+        .await
+        .expect("spend")
+        .expect("subscribed");
+    assert_eq!(
+        s.period, "2026-04",
+        "22:30 UTC on 31 March is April in Berlin"
+    );
+    assert!(spend(&f.db, f.tenant, "acme", t("2026-03-10T00:00:00Z"))
+        .await
+        .expect("spend")
+        .is_none());
 }
