@@ -7,7 +7,9 @@
 //! - `PUT /api/v1/tax-rates/{region}`, `GET /api/v1/tax-rates`.
 //! - `POST/GET /api/v1/customers`, `GET /api/v1/customers/{idOrKey}`.
 //! - `POST/GET /api/v1/subscriptions`, `GET /api/v1/subscriptions/{id}`.
-//! - `GET /api/v1/invoices?period=YYYY-MM`, `GET /api/v1/invoices/{id}` (with lines).
+//! - `GET /api/v1/invoices?period=YYYY-MM`, `GET /api/v1/invoices/{id}` (with lines),
+//!   `POST /api/v1/invoices/{id}/issue[?early=true]`, `POST /api/v1/invoices/{id}/void`,
+//!   `GET /api/v1/invoices/{id}/html`. Invoices are written by the rater.
 //!
 //! Writing needs the `admin` scope, reading `read`. Another tenant's objects are "not found".
 
@@ -758,21 +760,18 @@ pub async fn list_invoices(
     Ok(Json(rows.iter().map(invoice_view).collect()))
 }
 
-pub async fn get_invoice(
-    State(st): State<AppState>,
-    caller: Caller,
-    Path(id): Path<String>,
-) -> Result<Json<Value>, ApiError> {
-    caller.require("read")?;
-    let id = Uuid::parse_str(&id).map_err(|_| ApiError::not_found("invoice"))?;
-    let db = st.pool.get().await?;
+async fn invoice_json(
+    db: &tokio_postgres::Client,
+    tenant: Uuid,
+    id: Uuid,
+) -> Result<Value, ApiError> {
     let r = db
         .query_opt(
             &format!(
                 "SELECT {INVOICE_COLUMNS} FROM invoices i JOIN customers c ON c.id = i.customer_id
                   WHERE i.tenant_id = $1 AND i.id = $2"
             ),
-            &[&caller.tenant, &id],
+            &[&tenant, &id],
         )
         .await?
         .ok_or_else(|| ApiError::not_found("invoice"))?;
@@ -786,7 +785,7 @@ pub async fn get_invoice(
                JOIN invoices i ON i.id = l.invoice_id JOIN subscriptions s ON s.id = i.subscription_id
                LEFT JOIN plan_prices pp ON pp.plan_version_id = s.plan_version_id AND pp.meter_id = l.meter_id
               WHERE l.invoice_id = $1 AND l.tenant_id = $2 ORDER BY l.position",
-            &[&id, &caller.tenant],
+            &[&id, &tenant],
         )
         .await?;
     inv["lines"] = lines
@@ -811,5 +810,199 @@ pub async fn get_invoice(
             })
         })
         .collect();
-    Ok(Json(inv))
+    Ok(inv)
+}
+
+fn invoice_id(id: &str) -> Result<Uuid, ApiError> {
+    Uuid::parse_str(id).map_err(|_| ApiError::not_found("invoice"))
+}
+
+pub async fn get_invoice(
+    State(st): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    caller.require("read")?;
+    let db = st.pool.get().await?;
+    Ok(Json(
+        invoice_json(&db, caller.tenant, invoice_id(&id)?).await?,
+    ))
+}
+
+#[derive(Debug, Deserialize)]
+pub struct IssueParams {
+    /// Issue before the invoice's period has ended.
+    #[serde(default)]
+    pub early: bool,
+}
+
+fn state_conflict(what: &str, state: &str) -> ApiError {
+    ApiError::new(
+        StatusCode::CONFLICT,
+        "invalid_state",
+        format!("a {state} invoice cannot be {what}"),
+    )
+}
+
+/// `POST /api/v1/invoices/{id}/issue[?early=true]`: freezes a draft and gives it the tenant's
+/// next number (gapless). 409 when it is not a draft or its period has not ended.
+pub async fn issue_invoice(
+    State(st): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    Query(p): Query<IssueParams>,
+) -> Result<Json<Value>, ApiError> {
+    caller.require("admin")?;
+    let id = invoice_id(&id)?;
+    let mut db = st.pool.get().await?;
+    let tx = db.transaction().await?;
+    let end: DateTime<Utc> = tx
+        .query_opt(
+            "SELECT period_end FROM invoices WHERE id = $1 AND tenant_id = $2",
+            &[&id, &caller.tenant],
+        )
+        .await?
+        .ok_or_else(|| ApiError::not_found("invoice"))?
+        .get(0);
+    if !p.early && end > Utc::now() {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "period_open",
+            format!(
+                "the invoice's period ends at {}; pass early=true to issue it now",
+                ts(end)
+            ),
+        ));
+    }
+    match schemas::invoices::issue(&tx, caller.tenant, id).await? {
+        schemas::invoices::Change::Done(_) => tx.commit().await?,
+        schemas::invoices::Change::NotFound => return Err(ApiError::not_found("invoice")),
+        schemas::invoices::Change::Refused(s) => return Err(state_conflict("issued", &s)),
+    }
+    Ok(Json(invoice_json(&db, caller.tenant, id).await?))
+}
+
+/// `POST /api/v1/invoices/{id}/void`: voids a draft or an issued invoice (an issued one keeps
+/// its number). 409 for a paid or already void invoice.
+pub async fn void_invoice(
+    State(st): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    caller.require("admin")?;
+    let id = invoice_id(&id)?;
+    let mut db = st.pool.get().await?;
+    let tx = db.transaction().await?;
+    match schemas::invoices::void(&tx, caller.tenant, id).await? {
+        schemas::invoices::Change::Done(_) => tx.commit().await?,
+        schemas::invoices::Change::NotFound => return Err(ApiError::not_found("invoice")),
+        schemas::invoices::Change::Refused(s) => return Err(state_conflict("voided", &s)),
+    }
+    Ok(Json(invoice_json(&db, caller.tenant, id).await?))
+}
+
+fn esc(s: &str) -> String {
+    let mut o = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '&' => o.push_str("&amp;"),
+            '<' => o.push_str("&lt;"),
+            '>' => o.push_str("&gt;"),
+            '"' => o.push_str("&quot;"),
+            '\'' => o.push_str("&#39;"),
+            c => o.push(c),
+        }
+    }
+    o
+}
+
+fn s(v: &Value) -> String {
+    esc(v.as_str().unwrap_or_default())
+}
+
+/// `GET /api/v1/invoices/{id}/html`: the invoice as a self-contained HTML page (lines, tier
+/// breakdowns, tax, totals) for download. Every stored text is escaped.
+pub async fn invoice_html(
+    State(st): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<axum::response::Response, ApiError> {
+    use axum::response::IntoResponse;
+    use std::fmt::Write;
+    caller.require("read")?;
+    let db = st.pool.get().await?;
+    let inv = invoice_json(&db, caller.tenant, invoice_id(&id)?).await?;
+    let name: String = db
+        .query_one(
+            "SELECT c.name FROM invoices i JOIN customers c ON c.id = i.customer_id WHERE i.id = $1",
+            &[&invoice_id(&id)?],
+        )
+        .await?
+        .get(0);
+    let number = inv["number"]
+        .as_i64()
+        .map_or_else(|| "draft".to_string(), |n| format!("No. {n}"));
+    let mut h = String::new();
+    let _ = write!(
+        h,
+        "<!doctype html><html><head><meta charset=\"utf-8\"><title>Invoice {number}</title>\
+         <style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse}}\
+         td,th{{padding:4px 10px;border-bottom:1px solid #ddd}}td.n{{text-align:right}}\
+         .tier td{{color:#666;font-size:90%}}</style></head><body>\
+         <h1>Invoice {number} <small>({status})</small></h1>\
+         <p>Customer: <b>{customer}</b> ({key})<br>Period {period}: {from} – {to}<br>Currency: {cur}</p>\
+         <table><tr><th>#</th><th>Line</th><th>Period</th><th>Quantity</th><th>Unit price</th>\
+         <th>Amount</th><th>Tax</th><th>Total</th></tr>",
+        status = s(&inv["status"]),
+        customer = esc(&name),
+        key = s(&inv["customer"]),
+        period = s(&inv["period"]),
+        from = s(&inv["periodStart"]),
+        to = s(&inv["periodEnd"]),
+        cur = s(&inv["currency"]),
+    );
+    for l in inv["lines"].as_array().into_iter().flatten() {
+        let qty = match l["previousQuantity"].as_str() {
+            Some(p) => format!("{} (was {})", s(&l["quantity"]), esc(p)),
+            None => s(&l["quantity"]),
+        };
+        let _ = write!(
+            h,
+            "<tr><td>{}</td><td>{}</td><td>{} – {}</td><td class=n>{qty}</td><td class=n>{}</td>\
+             <td class=n>{}</td><td class=n>{}</td><td class=n>{}</td></tr>",
+            l["position"],
+            s(&l["description"]),
+            s(&l["periodStart"]),
+            s(&l["periodEnd"]),
+            s(&l["unitPrice"]),
+            s(&l["amount"]),
+            s(&l["tax"]),
+            s(&l["total"]),
+        );
+        for t in l["tiers"]["tiers"].as_array().into_iter().flatten() {
+            let _ = write!(
+                h,
+                "<tr class=tier><td></td><td>tier {}</td><td></td><td class=n>{}</td><td class=n>{}</td>\
+                 <td class=n>{}</td><td></td><td></td></tr>",
+                t["tier"].as_u64().unwrap_or_default() + 1,
+                s(&t["quantity"]),
+                s(&t["unitPrice"]),
+                s(&t["total"]),
+            );
+        }
+    }
+    let _ = write!(
+        h,
+        "</table><p>Subtotal {} · Discount {} · Tax {} · <b>Total {} {}</b></p></body></html>",
+        s(&inv["subtotal"]),
+        s(&inv["discount"]),
+        s(&inv["tax"]),
+        s(&inv["total"]),
+        s(&inv["currency"]),
+    );
+    Ok((
+        [(axum::http::header::CONTENT_TYPE, "text/html; charset=utf-8")],
+        h,
+    )
+        .into_response())
 }

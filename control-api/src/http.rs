@@ -206,6 +206,18 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/api/v1/invoices", get(crate::catalog::list_invoices))
         .route("/api/v1/invoices/{id}", get(crate::catalog::get_invoice))
+        .route(
+            "/api/v1/invoices/{id}/issue",
+            post(crate::catalog::issue_invoice),
+        )
+        .route(
+            "/api/v1/invoices/{id}/void",
+            post(crate::catalog::void_invoice),
+        )
+        .route(
+            "/api/v1/invoices/{id}/html",
+            get(crate::catalog::invoice_html),
+        )
         .fallback(|| async {
             ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint")
         })

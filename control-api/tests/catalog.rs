@@ -8,6 +8,8 @@ use tokio_util::sync::CancellationToken;
 
 struct Api {
     addr: std::net::SocketAddr,
+    db: tokio_postgres::Client,
+    tenant: uuid::Uuid,
     admin: String,
     reader: String,
     other: String,
@@ -43,14 +45,27 @@ impl Api {
                 .expect("control-api");
         Api {
             addr: run.addr,
+            tenant: t.id,
             admin: key(&db, t.id, &["admin"]).await,
             reader: key(&db, t.id, &["read"]).await,
             other: key(&db, o.id, &["admin"]).await,
+            db,
             _stop: stop.drop_guard(),
         }
     }
 
     async fn call(&self, method: &str, path: &str, key: &str, body: Option<Value>) -> (u16, Value) {
+        let (status, payload) = self.raw(method, path, key, body).await;
+        // Chunked or not: the JSON is the part between the first `{`/`[` and the last `}`/`]`.
+        let json = match (payload.find(['{', '[']), payload.rfind(['}', ']'])) {
+            (Some(a), Some(b)) => serde_json::from_str(&payload[a..=b]).unwrap_or(Value::Null),
+            _ => Value::Null,
+        };
+        (status, json)
+    }
+
+    /// Status and body text.
+    async fn raw(&self, method: &str, path: &str, key: &str, body: Option<Value>) -> (u16, String) {
         let body = body.map(|b| b.to_string()).unwrap_or_default();
         let req = format!(
             "{method} {path} HTTP/1.1\r\nhost: test\r\nauthorization: Bearer {key}\r\n\
@@ -66,13 +81,15 @@ impl Api {
         let text = String::from_utf8_lossy(&out).to_string();
         let status: u16 = text[9..12].parse().expect("status");
         let (_, payload) = text.split_once("\r\n\r\n").expect("head");
-        // Chunked or not: the JSON is the part between the first `{`/`[` and the last `}`/`]`.
-        let json = match (payload.find(['{', '[']), payload.rfind(['}', ']'])) {
-            (Some(a), Some(b)) => serde_json::from_str(&payload[a..=b]).unwrap_or(Value::Null),
-            _ => Value::Null,
-        };
-        (status, json)
+        (status, payload.to_string())
     }
+}
+
+/// POSTs `body` with the admin key and expects 201; returns the created object.
+async fn created(api: &Api, path: &str, body: Value) -> Value {
+    let (s, b) = api.call("POST", path, &api.admin, Some(body)).await;
+    assert_eq!(s, 201, "{path}: {b}");
+    b
 }
 
 async fn meter(api: &Api, slug: &str, agg: &str) {
@@ -148,15 +165,12 @@ async fn catalog_customers_and_subscriptions() {
     }
 
     // A new version; the first stays.
-    let (s, p) = api
-        .call(
-            "POST",
-            "/api/v1/plans/pro/versions",
-            &api.admin,
-            Some(json!({"currency": "EUR", "recurringFee": "59", "prices": []})),
-        )
-        .await;
-    assert_eq!(s, 201, "{p}");
+    let p = created(
+        &api,
+        "/api/v1/plans/pro/versions",
+        json!({"currency": "EUR", "recurringFee": "59", "prices": []}),
+    )
+    .await;
     assert_eq!(p["versions"].as_array().map(Vec::len), Some(2));
     assert_eq!(p["versions"][1]["recurringFee"], "59");
 
@@ -220,15 +234,7 @@ async fn catalog_customers_and_subscriptions() {
         .await;
     assert_eq!(list.as_array().map(Vec::len), Some(1), "{list}");
 
-    let (s, sub) = api
-        .call(
-            "POST",
-            "/api/v1/subscriptions",
-            &api.admin,
-            Some(json!({"customer": "acme", "plan": "pro", "version": 1, "startedAt": "2026-03-16T00:00:00+01:00"})),
-        )
-        .await;
-    assert_eq!(s, 201, "{sub}");
+    let sub = created(&api, "/api/v1/subscriptions", json!({"customer": "acme", "plan": "pro", "version": 1, "startedAt": "2026-03-16T00:00:00+01:00"})).await;
     assert_eq!(
         (sub["plan"].as_str(), sub["version"].as_i64()),
         (Some("pro"), Some(1))
@@ -270,24 +276,18 @@ async fn catalog_customers_and_subscriptions() {
         assert_eq!((s, b["field"].as_str()), (400, Some(field)), "{body} → {b}");
     }
     // Currency mismatch.
-    let (s, _) = api
-        .call(
-            "POST",
-            "/api/v1/plans",
-            &api.admin,
-            Some(json!({"key": "usd", "currency": "USD"})),
-        )
-        .await;
-    assert_eq!(s, 201);
-    let (s, _) = api
-        .call(
-            "POST",
-            "/api/v1/customers",
-            &api.admin,
-            Some(json!({"key": "e2", "currency": "EUR"})),
-        )
-        .await;
-    assert_eq!(s, 201);
+    created(
+        &api,
+        "/api/v1/plans",
+        json!({"key": "usd", "currency": "USD"}),
+    )
+    .await;
+    created(
+        &api,
+        "/api/v1/customers",
+        json!({"key": "e2", "currency": "EUR"}),
+    )
+    .await;
     let (s, b) = api
         .call(
             "POST",
@@ -351,4 +351,157 @@ async fn catalog_customers_and_subscriptions() {
     // Without a key: 401.
     let (s, _) = api.call("GET", "/api/v1/plans", "nope", None).await;
     assert_eq!(s, 401);
+}
+
+/// Inserts a draft invoice as the rater writes one: two lines, one with a tier breakdown.
+async fn draft(api: &Api, customer: &str, sub: &str, period: &str, end: &str) -> String {
+    let row = api
+        .db
+        .query_one(
+            "INSERT INTO invoices (tenant_id, customer_id, subscription_id, period, period_start, period_end,
+                    currency, subtotal, tax, total, content_sha256)
+             SELECT $1, c.id, $3::text::uuid, $4, $5::text::timestamptz - interval '30 days', $5::text::timestamptz,
+                    'EUR', 51.5, 9.79, 61.29, '\\x00'
+               FROM customers c WHERE c.tenant_id = $1 AND c.key = $2
+             RETURNING id::text",
+            &[&api.tenant, &customer, &sub, &period, &end],
+        )
+        .await
+        .expect("draft");
+    let id: String = row.get(0);
+    api.db
+        .execute(
+            "INSERT INTO invoice_lines (invoice_id, position, tenant_id, kind, description, period_start,
+                    period_end, quantity, amount, tax, total, tiers, price)
+             SELECT i.id, p, i.tenant_id, k, d, i.period_start, i.period_end, q, a, t, a + t, tiers::jsonb, pr::jsonb
+               FROM invoices i, (VALUES
+                 (1, 'recurring', 'Pro <b>monthly</b>', 1, 49.00, 9.31, '{}', '{\"type\":\"flat\",\"amount\":\"49\"}'),
+                 (2, 'usage', 'tokens', 1250000, 2.50, 0.48,
+                  '{\"tiers\":[{\"tier\":0,\"quantity\":\"1000000\",\"unitPrice\":\"0.000002\",\"flatPrice\":\"0\",\"total\":\"2\"},{\"tier\":1,\"quantity\":\"250000\",\"unitPrice\":\"0.000002\",\"flatPrice\":\"0\",\"total\":\"0.5\"}]}',
+                  NULL)) AS v(p, k, d, q, a, t, tiers, pr)
+              WHERE i.id = $1::text::uuid",
+            &[&id],
+        )
+        .await
+        .expect("lines");
+    id
+}
+
+/// `POST /api/v1/invoices/{id}/{action}` (action may carry a query string).
+async fn act(api: &Api, id: &str, action: &str, key: &str) -> (u16, Value) {
+    api.call(
+        "POST",
+        &format!("/api/v1/invoices/{id}/{action}"),
+        key,
+        None,
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invoices_issue_void_and_html() {
+    let api = Api::start().await;
+    meter(&api, "tokens", "SUM").await;
+    created(
+        &api,
+        "/api/v1/plans",
+        json!({"key": "pro", "currency": "EUR"}),
+    )
+    .await;
+    created(
+        &api,
+        "/api/v1/customers",
+        json!({"key": "acme", "name": "Acme <script>", "currency": "EUR"}),
+    )
+    .await;
+    let sub = created(
+        &api,
+        "/api/v1/subscriptions",
+        json!({"customer": "acme", "plan": "pro", "startedAt": "2026-01-01T00:00:00Z"}),
+    )
+    .await;
+    let sub = sub["id"].as_str().expect("id").to_string();
+    let oct = draft(&api, "acme", &sub, "2026-10", "2026-11-01T00:00:00Z").await;
+    let sep = draft(&api, "acme", &sub, "2026-09", "2026-10-01T00:00:00Z").await;
+    let open = draft(&api, "acme", &sub, "2099-01", "2099-02-01T00:00:00Z").await;
+
+    let (s, inv) = api
+        .call("GET", &format!("/api/v1/invoices/{oct}"), &api.reader, None)
+        .await;
+    assert_eq!(s, 200);
+    assert_eq!(
+        (inv["status"].as_str(), inv["number"].as_i64()),
+        (Some("draft"), None)
+    );
+    assert_eq!(inv["lines"].as_array().map(Vec::len), Some(2));
+
+    // A read key cannot issue; another tenant cannot see or issue.
+    let (s, _) = act(&api, &oct, "issue", &api.reader).await;
+    assert_eq!(s, 403);
+    let (s, _) = act(&api, &oct, "issue", &api.other).await;
+    assert_eq!(s, 404);
+    let (s, _) = api
+        .call(
+            "GET",
+            &format!("/api/v1/invoices/{oct}/html"),
+            &api.other,
+            None,
+        )
+        .await;
+    assert_eq!(s, 404);
+
+    // Issue numbers in issuing order, gapless; issuing twice is refused.
+    let (s, inv) = act(&api, &oct, "issue", &api.admin).await;
+    assert_eq!(
+        (s, inv["number"].as_i64(), inv["status"].as_str()),
+        (200, Some(1), Some("issued")),
+        "{inv}"
+    );
+    let (s, b) = act(&api, &oct, "issue", &api.admin).await;
+    assert_eq!((s, b["code"].as_str()), (409, Some("invalid_state")));
+    let (s, b) = act(&api, &open, "issue", &api.admin).await;
+    assert_eq!((s, b["code"].as_str()), (409, Some("period_open")), "{b}");
+    let (s, inv) = act(&api, &sep, "issue", &api.admin).await;
+    assert_eq!((s, inv["number"].as_i64()), (200, Some(2)));
+    let (s, inv) = act(&api, &open, "issue?early=true", &api.admin).await;
+    assert_eq!((s, inv["number"].as_i64()), (200, Some(3)));
+
+    // Void: an issued invoice keeps its number; voiding twice is refused.
+    let (s, inv) = act(&api, &sep, "void", &api.admin).await;
+    assert_eq!(
+        (s, inv["status"].as_str(), inv["number"].as_i64()),
+        (200, Some("void"), Some(2))
+    );
+    let (s, b) = act(&api, &sep, "void", &api.admin).await;
+    assert_eq!((s, b["code"].as_str()), (409, Some("invalid_state")));
+    let (s, _) = api
+        .call("POST", "/api/v1/invoices/not-a-uuid/void", &api.admin, None)
+        .await;
+    assert_eq!(s, 404);
+    // A draft voided never gets a number.
+    let nov = draft(&api, "acme", &sub, "2026-08", "2026-09-01T00:00:00Z").await;
+    let (s, inv) = act(&api, &nov, "void", &api.admin).await;
+    assert_eq!(
+        (s, inv["status"].as_str(), inv["number"].as_i64()),
+        (200, Some("void"), None)
+    );
+
+    // HTML: lines, tiers, totals; stored text escaped.
+    let (s, html) = api
+        .raw(
+            "GET",
+            &format!("/api/v1/invoices/{oct}/html"),
+            &api.reader,
+            None,
+        )
+        .await;
+    assert_eq!(s, 200);
+    assert!(html.contains("Invoice No. 1"), "{html}");
+    assert!(
+        html.contains("Acme &lt;script&gt;") && !html.contains("<script>"),
+        "{html}"
+    );
+    assert!(html.contains("Pro &lt;b&gt;monthly&lt;/b&gt;"), "{html}");
+    assert!(html.contains("tier 2") && html.contains("250000"), "{html}");
+    assert!(html.contains("Total 61.29 EUR"), "{html}");
 }

@@ -945,20 +945,11 @@ pub async fn issue(
             );
         }
         let tenant: Uuid = d.get(1);
-        let n: i64 = tx
-            .query_one(
-                "INSERT INTO invoice_counters (tenant_id, last_number) VALUES ($1, 1)
-                 ON CONFLICT (tenant_id) DO UPDATE SET last_number = invoice_counters.last_number + 1
-                 RETURNING last_number",
-                &[&tenant],
-            )
-            .await?
-            .get(0);
-        tx.execute(
-            "UPDATE invoices SET status = 'issued', number = $2, issued_at = now(), updated_at = now() WHERE id = $1",
-            &[&d.get::<_, Uuid>(0), &n],
-        )
-        .await?;
+        let id: Uuid = d.get(0);
+        let n = match schemas::invoices::issue(&tx, tenant, id).await? {
+            schemas::invoices::Change::Done(Some(n)) => n,
+            other => bail!("invoice {id} could not be issued: {other:?}"),
+        };
         out.push((d.get(0), tenant, n));
     }
     tx.commit().await?;
@@ -997,6 +988,25 @@ pub async fn reconcile(
                 &[&t, &period.to_string()],
             )
             .await?;
+        // Every line of the tenant's period at once, with its price (one query, not one per
+        // invoice), parsed once per distinct price.
+        let all_lines = db
+            .query(
+                "SELECT l.invoice_id, l.kind, l.meter_id, l.quantity, coalesce(l.price, pp.price)::text,
+                        l.amount, l.tax, l.total, l.description, l.previous_quantity
+                   FROM invoice_lines l JOIN invoices i ON i.id = l.invoice_id
+                   JOIN subscriptions s ON s.id = i.subscription_id
+                   LEFT JOIN plan_prices pp ON pp.plan_version_id = s.plan_version_id AND pp.meter_id = l.meter_id
+                  WHERE i.tenant_id = $1 AND i.period = $2 AND i.status <> 'void'
+                  ORDER BY l.invoice_id, l.position",
+                &[&t, &period.to_string()],
+            )
+            .await?;
+        let mut by_invoice: HashMap<Uuid, Vec<&tokio_postgres::Row>> = HashMap::new();
+        for l in &all_lines {
+            by_invoice.entry(l.get(0)).or_default().push(l);
+        }
+        let mut parsed: HashMap<String, Price> = HashMap::new();
         for inv in invoices {
             checked += 1;
             let id: Uuid = inv.get(0);
@@ -1013,44 +1023,39 @@ pub async fn reconcile(
                     });
                 }
             };
-            let lines = db
-                .query(
-                    "SELECT l.kind, l.meter_id, l.quantity, coalesce(l.price, pp.price), l.amount, l.tax,
-                            l.total, l.description, l.previous_quantity
-                       FROM invoice_lines l JOIN invoices i ON i.id = l.invoice_id
-                       JOIN subscriptions s ON s.id = i.subscription_id
-                       LEFT JOIN plan_prices pp ON pp.plan_version_id = s.plan_version_id AND pp.meter_id = l.meter_id
-                      WHERE l.invoice_id = $1 ORDER BY l.position",
-                    &[&id],
-                )
-                .await?;
+            let lines = by_invoice.remove(&id).unwrap_or_default();
             let s = |i: usize| {
                 lines
                     .iter()
                     .map(move |l| l.get::<_, Decimal>(i))
                     .sum::<Decimal>()
             };
-            diff("total = Σ line totals".into(), s(6), inv.get(6));
-            diff("subtotal = Σ line amounts".into(), s(4), inv.get(4));
-            diff("tax = Σ line taxes".into(), s(5), inv.get(5));
+            diff("total = Σ line totals".into(), s(7), inv.get(6));
+            diff("subtotal = Σ line amounts".into(), s(5), inv.get(4));
+            diff("tax = Σ line taxes".into(), s(6), inv.get(5));
             let current = now.get(&inv.get::<_, Uuid>(2));
             for l in &lines {
-                let kind: String = l.get(0);
-                let desc: String = l.get(7);
+                let kind: String = l.get(1);
+                let desc: String = l.get(8);
                 if kind != "usage" {
                     continue;
                 }
-                let q: Decimal = l.get(2);
-                let price: Option<Value> = l.get(3);
-                let price = Price::from_json(&price.unwrap_or_default().to_string())
-                    .with_context(|| format!("the price of line {desc:?}"))?;
+                let q: Decimal = l.get(3);
+                let text: Option<String> = l.get(4);
+                let text = text.unwrap_or_default();
+                if !parsed.contains_key(&text) {
+                    let p = Price::from_json(&text)
+                        .with_context(|| format!("the price of line {desc:?}"))?;
+                    parsed.insert(text.clone(), p);
+                }
+                let price = &parsed[&text];
                 let expected = billing_core::money::round_line(price.total(q)?, currency);
                 diff(
                     format!("{desc}: amount = price × quantity"),
                     expected,
-                    l.get(4),
+                    l.get(5),
                 );
-                let meter: Option<Uuid> = l.get(1);
+                let meter: Option<Uuid> = l.get(2);
                 let stored = current
                     .and_then(|r| {
                         r.lines

@@ -7,6 +7,7 @@
 //! - [`kafka`]: names shared by the producer (ingest) and the consumer (aggregator).
 
 pub mod apikey;
+pub mod invoices;
 pub mod meter;
 pub mod migrate;
 #[cfg(feature = "testing")]
