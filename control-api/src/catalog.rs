@@ -9,6 +9,7 @@
 //! - `POST/GET /api/v1/subscriptions`, `GET /api/v1/subscriptions/{id}`.
 //! - `GET /api/v1/invoices?period=YYYY-MM`, `GET /api/v1/invoices/{id}` (with lines),
 //!   `POST /api/v1/invoices/{id}/issue[?early=true]`, `POST /api/v1/invoices/{id}/void`,
+//!   `POST /api/v1/invoices/{id}/mark-paid`,
 //!   `GET /api/v1/invoices/{id}/html`. Invoices are written by the rater.
 //!
 //! Writing needs the `admin` scope, reading `read`. Another tenant's objects are "not found".
@@ -889,14 +890,41 @@ pub async fn void_invoice(
     caller: Caller,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
+    change_invoice(st, caller, id, "voided", schemas::invoices::void).await
+}
+
+/// `POST /api/v1/invoices/{id}/mark-paid`: an issued invoice paid outside a payment provider
+/// (e.g. a bank transfer). 409 for any other state.
+pub async fn mark_paid(
+    State(st): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    change_invoice(st, caller, id, "marked paid", schemas::invoices::mark_paid).await
+}
+
+async fn change_invoice<F>(
+    st: AppState,
+    caller: Caller,
+    id: String,
+    what: &str,
+    change: F,
+) -> Result<Json<Value>, ApiError>
+where
+    F: for<'a> AsyncFn(
+        &'a tokio_postgres::Transaction<'a>,
+        Uuid,
+        Uuid,
+    ) -> Result<schemas::invoices::Change, tokio_postgres::Error>,
+{
     caller.require("admin")?;
     let id = invoice_id(&id)?;
     let mut db = st.pool.get().await?;
     let tx = db.transaction().await?;
-    match schemas::invoices::void(&tx, caller.tenant, id).await? {
+    match change(&tx, caller.tenant, id).await? {
         schemas::invoices::Change::Done(_) => tx.commit().await?,
         schemas::invoices::Change::NotFound => return Err(ApiError::not_found("invoice")),
-        schemas::invoices::Change::Refused(s) => return Err(state_conflict("voided", &s)),
+        schemas::invoices::Change::Refused(s) => return Err(state_conflict(what, &s)),
     }
     Ok(Json(invoice_json(&db, caller.tenant, id).await?))
 }

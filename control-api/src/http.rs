@@ -215,6 +215,10 @@ pub fn router(state: AppState) -> Router {
             post(crate::catalog::void_invoice),
         )
         .route(
+            "/api/v1/invoices/{id}/mark-paid",
+            post(crate::catalog::mark_paid),
+        )
+        .route(
             "/api/v1/invoices/{id}/html",
             get(crate::catalog::invoice_html),
         )

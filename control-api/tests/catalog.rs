@@ -478,6 +478,22 @@ async fn invoices_issue_void_and_html() {
         .call("POST", "/api/v1/invoices/not-a-uuid/void", &api.admin, None)
         .await;
     assert_eq!(s, 404);
+    // Paid: only from issued; a paid invoice cannot be voided.
+    let (s, b) = act(&api, &oct, "mark-paid", &api.reader).await;
+    assert_eq!(s, 403, "{b}");
+    let (s, inv) = act(&api, &oct, "mark-paid", &api.admin).await;
+    assert_eq!(
+        (s, inv["status"].as_str(), inv["number"].as_i64()),
+        (200, Some("paid"), Some(1))
+    );
+    let (s, b) = act(&api, &oct, "void", &api.admin).await;
+    assert_eq!((s, b["code"].as_str()), (409, Some("invalid_state")), "{b}");
+    let (s, b) = act(&api, &sep, "mark-paid", &api.admin).await;
+    assert_eq!(
+        (s, b["code"].as_str()),
+        (409, Some("invalid_state")),
+        "void cannot be paid: {b}"
+    );
     // A draft voided never gets a number.
     let nov = draft(&api, "acme", &sub, "2026-08", "2026-09-01T00:00:00Z").await;
     let (s, inv) = act(&api, &nov, "void", &api.admin).await;

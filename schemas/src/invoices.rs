@@ -1,5 +1,6 @@
 //! Invoice state changes shared by the rater (`rater issue`) and control-api (the invoices
-//! API): draft → issued (numbered) → paid, and draft or issued → void.
+//! API): draft → issued (numbered) → paid, and draft or issued → void. A paid invoice is final
+//! here; refunds and credit notes come with payments (issue 6).
 //!
 //! Numbers are per tenant and gapless: the counter row is taken in the caller's transaction, so
 //! a rollback returns the number with it, and concurrent issuers serialise on that row.
@@ -63,6 +64,28 @@ pub async fn issue(
     Ok(Change::Done(Some(n)))
 }
 
+/// Moves the tenant's `invoice` from one of the states `from` to `to`.
+async fn set_status(
+    tx: &Transaction<'_>,
+    tenant: Uuid,
+    invoice: Uuid,
+    from: &[&str],
+    to: &str,
+) -> Result<Change, tokio_postgres::Error> {
+    let Some((status, number)) = lock(tx, tenant, invoice).await? else {
+        return Ok(Change::NotFound);
+    };
+    if !from.contains(&status.as_str()) {
+        return Ok(Change::Refused(status));
+    }
+    tx.execute(
+        "UPDATE invoices SET status = $2, updated_at = now() WHERE id = $1",
+        &[&invoice, &to],
+    )
+    .await?;
+    Ok(Change::Done(number))
+}
+
 /// Voids the tenant's draft or issued `invoice` (a paid one needs a refund first). A voided
 /// draft never gets a number; a voided issued invoice keeps its number (no gap).
 pub async fn void(
@@ -70,16 +93,15 @@ pub async fn void(
     tenant: Uuid,
     invoice: Uuid,
 ) -> Result<Change, tokio_postgres::Error> {
-    let Some((status, number)) = lock(tx, tenant, invoice).await? else {
-        return Ok(Change::NotFound);
-    };
-    if !matches!(status.as_str(), "draft" | "issued") {
-        return Ok(Change::Refused(status));
-    }
-    tx.execute(
-        "UPDATE invoices SET status = 'void', updated_at = now() WHERE id = $1",
-        &[&invoice],
-    )
-    .await?;
-    Ok(Change::Done(number))
+    set_status(tx, tenant, invoice, &["draft", "issued"], "void").await
+}
+
+/// Marks the tenant's issued `invoice` paid (a payment recorded outside a provider, e.g. a bank
+/// transfer). Only an issued invoice can be paid.
+pub async fn mark_paid(
+    tx: &Transaction<'_>,
+    tenant: Uuid,
+    invoice: Uuid,
+) -> Result<Change, tokio_postgres::Error> {
+    set_status(tx, tenant, invoice, &["issued"], "paid").await
 }
