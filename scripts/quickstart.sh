@@ -124,6 +124,8 @@ log "rating $PERIOD (usage so far; drafts are rewritten by each run until issued
 "$RATER" run --period "$PERIOD" --tenant "$TENANT" --database-url "$DATABASE_URL"
 echo
 "$RATER" show --period "$PERIOD" --tenant "$TENANT" --database-url "$DATABASE_URL"
+log "cost by model this period (usage lines split over the meters' model group-by)"
+"$RATER" costs --period "$PERIOD" --tenant "$TENANT" --by model --database-url "$DATABASE_URL"
 "$RATER" reconcile --period "$PERIOD" --tenant "$TENANT" --database-url "$DATABASE_URL" >/dev/null \
   || die "reconcile found differences: $RATER reconcile --period $PERIOD --tenant $TENANT"
 cat <<MSG
@@ -138,6 +140,7 @@ $outcomes).
   Prometheus    http://127.0.0.1:$PROMETHEUS_PORT
 
 Try: curl -H "Authorization: Bearer <key>" "$API/meters/gpu_seconds/query?windowSize=HOUR&windowTimeZone=Europe%2FBerlin"
-Billing ops: $RATER run|show|reconcile|issue --period $PERIOD --tenant $TENANT
+Billing ops: $RATER run|show|reconcile|issue|costs --period $PERIOD --tenant $TENANT
+             $RATER simulate --tenant $TENANT --plan starter --from $PERIOD --to $PERIOD
 Stop everything with: scripts/stack.sh down
 MSG
