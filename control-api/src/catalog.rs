@@ -639,11 +639,16 @@ pub async fn create_subscription(
         .map_err(|_| ApiError::not_found("customer"))?;
     let vid = Uuid::parse_str(version["id"].as_str().unwrap_or_default())
         .map_err(|_| ApiError::not_found("plan version"))?;
-    // One subscription at a time per customer: overlapping spans would bill usage twice.
-    let overlap = db
+    // One subscription at a time per customer: the rater bills each subscription's span
+    // [startedAt, endedAt), whatever its status, so overlapping spans would bill usage twice.
+    // The customer row is locked so that two concurrent requests cannot both pass the check.
+    let mut db = db;
+    let tx = db.transaction().await?;
+    tx.execute("SELECT 1 FROM customers WHERE id = $1 FOR UPDATE", &[&cid])
+        .await?;
+    let overlap = tx
         .query_opt(
             "SELECT id FROM subscriptions WHERE tenant_id = $1 AND customer_id = $2
-                AND status NOT IN ('canceled', 'expired')
                 AND tstzrange(started_at, ended_at) && tstzrange($3, $4)",
             &[&caller.tenant, &cid, &started, &ended],
         )
@@ -654,13 +659,14 @@ pub async fn create_subscription(
             "the customer already has a subscription over that time".into(),
         ));
     }
-    let row = db
+    let row = tx
         .query_one(
             "INSERT INTO subscriptions (tenant_id, customer_id, plan_version_id, started_at, ended_at)
              VALUES ($1, $2, $3, $4, $5) RETURNING id",
             &[&caller.tenant, &cid, &vid, &started, &ended],
         )
         .await?;
+    tx.commit().await?;
     let id: Uuid = row.get(0);
     Ok((
         StatusCode::CREATED,

@@ -449,6 +449,22 @@ fn col<'a, T: 'static>(b: &'a RecordBatch, name: &str) -> anyhow::Result<&'a T> 
         .with_context(|| format!("result column {name} has an unexpected type"))
 }
 
+/// The (span, meter, group) key of every row of an aggregation result.
+fn result_keys(b: &RecordBatch, by_group: bool) -> anyhow::Result<Vec<AggKey>> {
+    let span = col::<UInt32Array>(b, "span")?;
+    let meter = col::<StringArray>(b, "meter")?;
+    let grp = col::<StringArray>(b, "grp")?;
+    (0..b.num_rows())
+        .map(|i| {
+            Ok((
+                span.value(i),
+                Uuid::parse_str(meter.value(i))?,
+                by_group.then(|| grp.value(i).to_string()),
+            ))
+        })
+        .collect()
+}
+
 /// Aggregates the usage of `meters` (id, aggregation) over `spans` for one tenant; with
 /// `by_group`, per group-by values too. Spans with no usage have no entry. With `extra`
 /// connections, the meters are read over all connections at once (one PostgreSQL backend each).
@@ -545,20 +561,13 @@ pub async fn aggregate(
             ))
             .await?;
         for b in df.collect().await? {
-            let span = col::<UInt32Array>(&b, "span")?;
-            let meter = col::<StringArray>(&b, "meter")?;
-            let grp = col::<StringArray>(&b, "grp")?;
+            let keys = result_keys(&b, by_group)?;
             let sum = col::<Decimal128Array>(&b, "sum_value")?;
             let count = col::<Int64Array>(&b, "event_count")?;
             let min = col::<Decimal128Array>(&b, "min_value")?;
             let max = col::<Decimal128Array>(&b, "max_value")?;
             let latest = col::<Decimal128Array>(&b, "latest_value")?;
-            for i in 0..b.num_rows() {
-                let key = (
-                    span.value(i),
-                    Uuid::parse_str(meter.value(i))?,
-                    by_group.then(|| grp.value(i).to_string()),
-                );
+            for (i, key) in keys.into_iter().enumerate() {
                 let a = out.entry(key).or_default();
                 a.sum = dec_at(sum, i)?.unwrap_or_default();
                 a.count = count.value(i);
@@ -598,16 +607,8 @@ pub async fn aggregate(
             ))
             .await?;
         for b in df.collect().await? {
-            let span = col::<UInt32Array>(&b, "span")?;
-            let meter = col::<StringArray>(&b, "meter")?;
-            let grp = col::<StringArray>(&b, "grp")?;
             let n = col::<Int64Array>(&b, "n")?;
-            for i in 0..b.num_rows() {
-                let key = (
-                    span.value(i),
-                    Uuid::parse_str(meter.value(i))?,
-                    by_group.then(|| grp.value(i).to_string()),
-                );
+            for (i, key) in result_keys(&b, by_group)?.into_iter().enumerate() {
                 out.entry(key).or_default().unique = n.value(i);
             }
         }
