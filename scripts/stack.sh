@@ -17,6 +17,18 @@ mkdir -p "$RUN" "$LOGS" "$METERING_STATE/tansu" "$METERING_STATE/prometheus"
 
 # Services this script manages, in start order. The project's own services join the list as
 # their binaries land (see project_services).
+# The control API's server key: CONTROL_API_SECRET if set, else one generated once into the state
+# directory (mode 600) and kept, so sessions and sealed rows survive restarts.
+server_secret() {
+  if [ -n "${CONTROL_API_SECRET:-}" ]; then echo "$CONTROL_API_SECRET"; return; fi
+  local f="$METERING_STATE/control-api.secret"
+  if [ ! -s "$f" ]; then
+    mkdir -p "$METERING_STATE"
+    (umask 077; head -c 32 /dev/urandom | od -An -v -tx1 | tr -d ' \n' >"$f")
+  fi
+  cat "$f"
+}
+
 project_services() { echo control-api aggregator ingest; }
 SERVICES="tansu prometheus $(project_services)"
 
@@ -143,7 +155,7 @@ start_service() {
         exec setsid "$(bin_path ingest)" serve >>"$LOGS/$svc.log" 2>&1) &
       ;;
     control-api)
-      (CONTROL_API_LISTEN="127.0.0.1:$port" \
+      (CONTROL_API_LISTEN="127.0.0.1:$port" CONTROL_API_SECRET="$(server_secret)" \
         exec setsid "$(bin_path control-api)" serve >>"$LOGS/$svc.log" 2>&1) &
       ;;
     aggregator)

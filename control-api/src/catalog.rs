@@ -14,7 +14,8 @@
 //!
 //! Writing needs the `admin` scope, reading `read`. Another tenant's objects are "not found".
 
-use crate::http::{ApiError, AppState, Caller};
+use crate::auth::Caller;
+use crate::http::{ApiError, AppState};
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
@@ -29,19 +30,7 @@ use uuid::Uuid;
 
 const PLAN_TIERS: [&str; 5] = ["free", "basic", "pro", "enterprise", "custom"];
 
-fn body<T>(b: Result<Json<T>, JsonRejection>) -> Result<T, ApiError> {
-    b.map(|Json(t)| t)
-        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_body", e.body_text()))
-}
-
-fn conflict(field: &str, message: String) -> ApiError {
-    ApiError {
-        status: StatusCode::CONFLICT,
-        code: "conflict",
-        message,
-        field: Some(field.into()),
-    }
-}
+use crate::http::{body, conflict};
 
 fn ts(t: DateTime<Utc>) -> String {
     t.to_rfc3339_opts(SecondsFormat::Millis, true)
@@ -236,7 +225,6 @@ pub async fn create_plan(
     caller: Caller,
     b: Result<Json<NewPlan>, JsonRejection>,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
-    caller.require("admin")?;
     let p = body(b)?;
     let key = required(p.key.clone(), "key")?;
     if !schemas::meter::valid_slug(&key) {
@@ -287,7 +275,6 @@ pub async fn create_version(
     Path(key): Path<String>,
     b: Result<Json<NewVersion>, JsonRejection>,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
-    caller.require("admin")?;
     let v = body(b)?;
     let mut db = st.pool.get().await?;
     let plan = plan_view(&db, caller.tenant, &key).await?;
@@ -310,7 +297,6 @@ pub async fn list_plans(
     State(st): State<AppState>,
     caller: Caller,
 ) -> Result<Json<Vec<Value>>, ApiError> {
-    caller.require("read")?;
     let db = st.pool.get().await?;
     let keys = db
         .query(
@@ -330,7 +316,6 @@ pub async fn get_plan(
     caller: Caller,
     Path(key): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    caller.require("read")?;
     let db = st.pool.get().await?;
     Ok(Json(plan_view(&db, caller.tenant, &key).await?))
 }
@@ -351,7 +336,6 @@ pub async fn put_tax_rate(
     Path(region): Path<String>,
     b: Result<Json<NewTaxRate>, JsonRejection>,
 ) -> Result<Json<Value>, ApiError> {
-    caller.require("admin")?;
     let t = body(b)?;
     if region.is_empty() || region.len() > 32 {
         return Err(ApiError::invalid("region", "must be 1 to 32 characters"));
@@ -379,7 +363,6 @@ pub async fn list_tax_rates(
     State(st): State<AppState>,
     caller: Caller,
 ) -> Result<Json<Vec<Value>>, ApiError> {
-    caller.require("read")?;
     let db = st.pool.get().await?;
     let rows = db
         .query(
@@ -453,7 +436,6 @@ pub async fn create_customer(
     caller: Caller,
     b: Result<Json<NewCustomer>, JsonRejection>,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
-    caller.require("admin")?;
     let c = body(b)?;
     let key = required(c.key.clone(), "key")?;
     if key.is_empty() || key.len() > 256 {
@@ -521,7 +503,6 @@ pub async fn list_customers(
     State(st): State<AppState>,
     caller: Caller,
 ) -> Result<Json<Vec<Value>>, ApiError> {
-    caller.require("read")?;
     let db = st.pool.get().await?;
     let rows = db
         .query(
@@ -539,7 +520,6 @@ pub async fn get_customer(
     caller: Caller,
     Path(key): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    caller.require("read")?;
     let db = st.pool.get().await?;
     Ok(Json(find_customer(&db, caller.tenant, &key).await?))
 }
@@ -591,7 +571,6 @@ pub async fn create_subscription(
     caller: Caller,
     b: Result<Json<NewSubscription>, JsonRejection>,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
-    caller.require("admin")?;
     let s = body(b)?;
     let db = st.pool.get().await?;
     let customer = find_customer(
@@ -693,7 +672,6 @@ pub async fn list_subscriptions(
     State(st): State<AppState>,
     caller: Caller,
 ) -> Result<Json<Vec<Value>>, ApiError> {
-    caller.require("read")?;
     let db = st.pool.get().await?;
     let rows = db
         .query(
@@ -709,7 +687,6 @@ pub async fn get_subscription(
     caller: Caller,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    caller.require("read")?;
     let id = Uuid::parse_str(&id).map_err(|_| ApiError::not_found("subscription"))?;
     let db = st.pool.get().await?;
     Ok(Json(find_subscription(&db, caller.tenant, id).await?))
@@ -751,7 +728,6 @@ pub async fn list_invoices(
     caller: Caller,
     Query(f): Query<InvoiceFilter>,
 ) -> Result<Json<Vec<Value>>, ApiError> {
-    caller.require("read")?;
     let db = st.pool.get().await?;
     let rows = db
         .query(
@@ -829,7 +805,6 @@ pub async fn get_invoice(
     caller: Caller,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    caller.require("read")?;
     let db = st.pool.get().await?;
     Ok(Json(
         invoice_json(&db, caller.tenant, invoice_id(&id)?).await?,
@@ -859,7 +834,6 @@ pub async fn issue_invoice(
     Path(id): Path<String>,
     Query(p): Query<IssueParams>,
 ) -> Result<Json<Value>, ApiError> {
-    caller.require("admin")?;
     let id = invoice_id(&id)?;
     let mut db = st.pool.get().await?;
     let tx = db.transaction().await?;
@@ -923,7 +897,6 @@ where
         Uuid,
     ) -> Result<schemas::invoices::Change, tokio_postgres::Error>,
 {
-    caller.require("admin")?;
     let id = invoice_id(&id)?;
     let mut db = st.pool.get().await?;
     let tx = db.transaction().await?;
@@ -963,7 +936,6 @@ pub async fn invoice_html(
 ) -> Result<axum::response::Response, ApiError> {
     use axum::response::IntoResponse;
     use std::fmt::Write;
-    caller.require("read")?;
     let db = st.pool.get().await?;
     let inv = invoice_json(&db, caller.tenant, invoice_id(&id)?).await?;
     let name: String = db

@@ -1,24 +1,74 @@
-//! The HTTP server: routing, the error shape, and authentication by API key.
+//! The HTTP server: state, settings, the error shape, request ids, and start-up.
 //!
 //! Errors are JSON problems (`application/problem+json`, RFC 7807 fields as OpenMeter answers
-//! them, plus a stable `code` and the `field` at fault), built in one place: [`ApiError`].
-//! Callers authenticate with `Authorization: Bearer <API key>`; the tenant comes from the key.
-//! Reading needs the `read` or `admin` scope, changing meters needs `admin`.
+//! them, plus a stable `code`, the `field` at fault and the `request_id`), built in one place:
+//! [`ApiError`]. Routes and who may call them are in [`crate::routes`]; authentication in
+//! [`crate::auth`]; the audit log and `Idempotency-Key` in [`crate::audit`] and
+//! [`crate::idempotency`].
 
-use axum::extract::{FromRef, FromRequestParts};
-use axum::http::request::Parts;
-use axum::http::{header, StatusCode};
+use crate::crypto::ServerKey;
+use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post, put};
-use axum::Router;
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-use uuid::Uuid;
+
+/// Lifetimes and limits of the identity layer.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub database_url: String,
+    pub key: ServerKey,
+    /// Access tokens (short-lived, signed).
+    pub access_ttl: Duration,
+    /// A session (and its refresh tokens) without use expires after this.
+    pub session_ttl: Duration,
+    /// Consecutive failed logins before the account is locked.
+    pub lockout_after: u32,
+    /// First lock; each further failure doubles it, up to `lockout_max`.
+    pub lockout_base: Duration,
+    pub lockout_max: Duration,
+    pub verify_email_ttl: Duration,
+    pub reset_password_ttl: Duration,
+    /// A rotated API key keeps working this long unless the request names another grace.
+    pub key_rotation_grace: Duration,
+    /// How long an `Idempotency-Key` is remembered.
+    pub idempotency_ttl: Duration,
+}
+
+impl Settings {
+    pub fn new(database_url: &str, key: ServerKey) -> Self {
+        Settings {
+            database_url: database_url.to_string(),
+            key,
+            access_ttl: Duration::from_secs(15 * 60),
+            session_ttl: Duration::from_secs(30 * 86_400),
+            lockout_after: 5,
+            lockout_base: Duration::from_secs(60),
+            lockout_max: Duration::from_secs(3600),
+            verify_email_ttl: Duration::from_secs(3 * 86_400),
+            reset_password_ttl: Duration::from_secs(3600),
+            key_rotation_grace: Duration::from_secs(86_400),
+            idempotency_ttl: Duration::from_secs(86_400),
+        }
+    }
+}
 
 #[derive(Clone, Debug)]
 pub struct AppState {
     pub pool: deadpool_postgres::Pool,
+    pub settings: Arc<Settings>,
+}
+
+tokio::task_local! {
+    /// The id of the request being served (set by [`crate::routes`]'s outermost layer).
+    pub static REQUEST_ID: String;
+}
+
+/// The current request's id, if any.
+pub fn request_id() -> Option<String> {
+    REQUEST_ID.try_with(|r| r.clone()).ok()
 }
 
 /// An error answer: status, stable code, message and (when one field is at fault) its name.
@@ -28,6 +78,8 @@ pub struct ApiError {
     pub code: &'static str,
     pub message: String,
     pub field: Option<String>,
+    /// Seconds, sent as `Retry-After`.
+    pub retry_after: Option<u64>,
 }
 
 impl ApiError {
@@ -37,15 +89,18 @@ impl ApiError {
             code,
             message: message.into(),
             field: None,
+            retry_after: None,
         }
     }
     pub fn invalid(field: impl Into<String>, reason: impl Into<String>) -> Self {
         let field = field.into();
         ApiError {
-            status: StatusCode::BAD_REQUEST,
-            code: "invalid_parameter",
-            message: format!("{field}: {}", reason.into()),
-            field: Some(field),
+            field: Some(field.clone()),
+            ..ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_parameter",
+                format!("{field}: {}", reason.into()),
+            )
         }
     }
     pub fn not_found(what: &str) -> Self {
@@ -53,6 +108,23 @@ impl ApiError {
             StatusCode::NOT_FOUND,
             "not_found",
             format!("{what} not found"),
+        )
+    }
+    pub fn unauthenticated(code: &'static str, message: impl Into<String>) -> Self {
+        ApiError::new(StatusCode::UNAUTHORIZED, code, message)
+    }
+    pub fn forbidden(message: impl Into<String>) -> Self {
+        ApiError::new(StatusCode::FORBIDDEN, "forbidden", message)
+    }
+    pub fn conflict(code: &'static str, message: impl Into<String>) -> Self {
+        ApiError::new(StatusCode::CONFLICT, code, message)
+    }
+    pub fn internal(what: impl std::fmt::Display) -> Self {
+        tracing::error!(error = %what, "internal error");
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "the server failed; the request id names it in the logs",
         )
     }
 }
@@ -66,13 +138,19 @@ impl IntoResponse for ApiError {
             "detail": self.message,
             "code": self.code,
             "field": self.field,
+            "request_id": request_id(),
         });
-        (
+        let mut r = (
             self.status,
             [(header::CONTENT_TYPE, "application/problem+json")],
             body.to_string(),
         )
-            .into_response()
+            .into_response();
+        if let Some(s) = self.retry_after {
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(s.max(1)));
+        }
+        r
     }
 }
 
@@ -98,134 +176,29 @@ impl From<deadpool_postgres::PoolError> for ApiError {
     }
 }
 
-/// The authenticated caller: the key's tenant and scopes.
-#[derive(Debug, Clone)]
-pub struct Caller {
-    pub tenant: Uuid,
-    pub key_id: Uuid,
-    pub scopes: Vec<String>,
-}
-
-impl Caller {
-    pub fn require(&self, scope: &str) -> Result<(), ApiError> {
-        if self.scopes.iter().any(|s| s == scope || s == "admin") {
-            Ok(())
-        } else {
-            Err(ApiError::new(
-                StatusCode::FORBIDDEN,
-                "forbidden",
-                format!("the API key lacks the `{scope}` scope"),
-            ))
+/// A JSON body, or a 400 naming the field serde complained about.
+pub fn body<T>(
+    b: Result<axum::Json<T>, axum::extract::rejection::JsonRejection>,
+) -> Result<T, ApiError> {
+    b.map(|axum::Json(t)| t).map_err(|e| {
+        let text = e.body_text();
+        let field = text
+            .split_once("field `")
+            .and_then(|(_, rest)| rest.split_once('`'))
+            .map(|(f, _)| f.to_string());
+        ApiError {
+            field,
+            ..ApiError::new(StatusCode::BAD_REQUEST, "invalid_body", text)
         }
-    }
+    })
 }
 
-impl<S> FromRequestParts<S> for Caller
-where
-    AppState: FromRef<S>,
-    S: Send + Sync,
-{
-    type Rejection = ApiError;
-
-    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
-        let unauthenticated = || {
-            ApiError::new(
-                StatusCode::UNAUTHORIZED,
-                "unauthenticated",
-                "a valid `Authorization: Bearer <API key>` header is required",
-            )
-        };
-        let key = parts
-            .headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .map(str::trim)
-            .filter(|k| schemas::apikey::well_formed(k))
-            .ok_or_else(unauthenticated)?;
-        let st = AppState::from_ref(state);
-        let db = st.pool.get().await?;
-        let row = db
-            .query_opt(
-                "SELECT id, tenant_id, scopes FROM api_keys
-                  WHERE secret_sha256 = $1 AND revoked_at IS NULL",
-                &[&schemas::apikey::hash(key).as_slice()],
-            )
-            .await?
-            .ok_or_else(unauthenticated)?;
-        Ok(Caller {
-            key_id: row.get(0),
-            tenant: row.get(1),
-            scopes: row.get(2),
-        })
+/// 409 naming the field whose value is taken.
+pub fn conflict(field: &str, message: String) -> ApiError {
+    ApiError {
+        field: Some(field.into()),
+        ..ApiError::new(StatusCode::CONFLICT, "conflict", message)
     }
-}
-
-pub fn router(state: AppState) -> Router {
-    Router::new()
-        .route("/healthz", get(|| async { "ok" }))
-        .route(
-            "/api/v1/meters",
-            get(crate::meters::list).post(crate::meters::create),
-        )
-        .route(
-            "/api/v1/meters/{id_or_slug}",
-            get(crate::meters::get_one).delete(crate::meters::delete),
-        )
-        .route(
-            "/api/v1/meters/{id_or_slug}/query",
-            get(crate::query::query),
-        )
-        .route("/api/v1/usage/outcomes", get(crate::usage::outcomes))
-        .route(
-            "/api/v1/plans",
-            get(crate::catalog::list_plans).post(crate::catalog::create_plan),
-        )
-        .route("/api/v1/plans/{key}", get(crate::catalog::get_plan))
-        .route(
-            "/api/v1/plans/{key}/versions",
-            post(crate::catalog::create_version),
-        )
-        .route("/api/v1/tax-rates", get(crate::catalog::list_tax_rates))
-        .route(
-            "/api/v1/tax-rates/{region}",
-            put(crate::catalog::put_tax_rate),
-        )
-        .route(
-            "/api/v1/customers",
-            get(crate::catalog::list_customers).post(crate::catalog::create_customer),
-        )
-        .route("/api/v1/customers/{key}", get(crate::catalog::get_customer))
-        .route(
-            "/api/v1/subscriptions",
-            get(crate::catalog::list_subscriptions).post(crate::catalog::create_subscription),
-        )
-        .route(
-            "/api/v1/subscriptions/{id}",
-            get(crate::catalog::get_subscription),
-        )
-        .route("/api/v1/invoices", get(crate::catalog::list_invoices))
-        .route("/api/v1/invoices/{id}", get(crate::catalog::get_invoice))
-        .route(
-            "/api/v1/invoices/{id}/issue",
-            post(crate::catalog::issue_invoice),
-        )
-        .route(
-            "/api/v1/invoices/{id}/void",
-            post(crate::catalog::void_invoice),
-        )
-        .route(
-            "/api/v1/invoices/{id}/mark-paid",
-            post(crate::catalog::mark_paid),
-        )
-        .route(
-            "/api/v1/invoices/{id}/html",
-            get(crate::catalog::invoice_html),
-        )
-        .fallback(|| async {
-            ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint")
-        })
-        .with_state(state)
 }
 
 /// A started server.
@@ -235,12 +208,20 @@ pub struct Running {
     pub done: JoinHandle<()>,
 }
 
-/// Binds `listen` (port 0 picks one) and serves until `shutdown`.
+/// Binds `listen` (port 0 picks one) and serves until `shutdown`. The server key comes from
+/// `CONTROL_API_SECRET`, or is random for the life of the process when that is not set (tests;
+/// `control-api serve` refuses to start without it).
 pub async fn start(
     listen: SocketAddr,
     database_url: &str,
     shutdown: CancellationToken,
 ) -> anyhow::Result<Running> {
+    let key = ServerKey::from_env().unwrap_or_else(|_| ServerKey::ephemeral());
+    start_with(listen, Settings::new(database_url, key), shutdown).await
+}
+
+/// A connection pool for `database_url`.
+pub fn pool(database_url: &str) -> anyhow::Result<deadpool_postgres::Pool> {
     let pg: tokio_postgres::Config = database_url.parse()?;
     let mgr = deadpool_postgres::Manager::from_config(
         pg,
@@ -249,14 +230,29 @@ pub async fn start(
             recycling_method: deadpool_postgres::RecyclingMethod::Fast,
         },
     );
-    let pool = deadpool_postgres::Pool::builder(mgr).max_size(16).build()?;
+    Ok(deadpool_postgres::Pool::builder(mgr).max_size(16).build()?)
+}
+
+/// [`start`] with explicit settings.
+pub async fn start_with(
+    listen: SocketAddr,
+    settings: Settings,
+    shutdown: CancellationToken,
+) -> anyhow::Result<Running> {
+    let pool = pool(&settings.database_url)?;
     let listener = tokio::net::TcpListener::bind(listen).await?;
     let addr = listener.local_addr()?;
-    let app = router(AppState { pool });
+    let app = crate::routes::router(AppState {
+        pool,
+        settings: Arc::new(settings),
+    });
     let done = tokio::spawn(async move {
-        let r = axum::serve(listener, app)
-            .with_graceful_shutdown(async move { shutdown.cancelled().await })
-            .await;
+        let r = axum::serve(
+            listener,
+            app.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        .await;
         if let Err(e) = r {
             tracing::error!(error = %e, "control-api server failed");
         }

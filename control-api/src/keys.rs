@@ -5,8 +5,7 @@ use serde::Serialize;
 use tokio_postgres::Client;
 use uuid::Uuid;
 
-/// Scopes a key may carry.
-pub const SCOPES: &[&str] = &["ingest", "read", "admin"];
+pub use crate::rbac::SCOPES;
 
 /// Why a tenant or key could not be created.
 #[derive(Debug, thiserror::Error)]
@@ -56,6 +55,8 @@ pub struct NewKey {
     pub allowed_cidrs: Option<Vec<String>>,
     pub rate_limit_rps: Option<i32>,
     pub rate_limit_eps: Option<i32>,
+    pub monthly_event_quota: Option<i64>,
+    pub expires_at: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 pub async fn create_tenant(db: &Client, name: &str) -> Result<Tenant, KeyError> {
@@ -78,28 +79,69 @@ pub async fn create_tenant(db: &Client, name: &str) -> Result<Tenant, KeyError> 
     })
 }
 
-pub async fn create_key(db: &Client, tenant: Uuid, opts: NewKey) -> Result<CreatedKey, KeyError> {
+/// Checks a key's settings; each error names its field.
+pub fn validate(
+    name: &str,
+    scopes: Option<&[String]>,
+    cidrs: Option<&[String]>,
+    limits: [Option<i64>; 3],
+) -> Result<(), KeyError> {
+    if name.chars().count() > 200 {
+        return Err(KeyError::Invalid {
+            field: "name",
+            reason: "must be at most 200 characters".into(),
+        });
+    }
+    if let Some(scopes) = scopes {
+        if scopes.is_empty() {
+            return Err(KeyError::Invalid {
+                field: "scopes",
+                reason: format!("must name at least one of {}", SCOPES.join(", ")),
+            });
+        }
+        if let Some(bad) = scopes.iter().find(|s| !SCOPES.contains(&s.as_str())) {
+            return Err(KeyError::Invalid {
+                field: "scopes",
+                reason: format!("unknown scope {bad:?}; known: {}", SCOPES.join(", ")),
+            });
+        }
+    }
+    for c in cidrs.unwrap_or_default() {
+        if c.parse::<ipnet::IpNet>().is_err() && c.parse::<std::net::IpAddr>().is_err() {
+            return Err(KeyError::Invalid {
+                field: "allowed_cidrs",
+                reason: format!("{c:?} is not an address or CIDR block"),
+            });
+        }
+    }
+    for (field, v) in ["rate_limit_rps", "rate_limit_eps", "monthly_event_quota"]
+        .into_iter()
+        .zip(limits)
+    {
+        if v.is_some_and(|v| v <= 0) {
+            return Err(KeyError::Invalid {
+                field,
+                reason: "must be positive (omit it for no limit)".into(),
+            });
+        }
+    }
+    Ok(())
+}
+
+pub async fn create_key(
+    db: &impl tokio_postgres::GenericClient,
+    tenant: Uuid, opts: NewKey) -> Result<CreatedKey, KeyError> {
     let scopes = if opts.scopes.is_empty() {
         vec!["ingest".to_string()]
     } else {
         opts.scopes
     };
-    if let Some(bad) = scopes.iter().find(|s| !SCOPES.contains(&s.as_str())) {
-        return Err(KeyError::Invalid {
-            field: "scopes",
-            reason: format!("unknown scope {bad:?}; known: {}", SCOPES.join(", ")),
-        });
-    }
-    if let Some(cidrs) = &opts.allowed_cidrs {
-        for c in cidrs {
-            if c.parse::<ipnet::IpNet>().is_err() && c.parse::<std::net::IpAddr>().is_err() {
-                return Err(KeyError::Invalid {
-                    field: "allowed_cidrs",
-                    reason: format!("{c:?} is not an address or CIDR block"),
-                });
-            }
-        }
-    }
+    validate(
+        &opts.name,
+        Some(&scopes),
+        opts.allowed_cidrs.as_deref(),
+        [opts.rate_limit_rps.map(i64::from), opts.rate_limit_eps.map(i64::from), opts.monthly_event_quota],
+    )?;
     let exists = db
         .query_opt("SELECT 1 FROM tenants WHERE id = $1", &[&tenant])
         .await?;
@@ -112,8 +154,8 @@ pub async fn create_key(db: &Client, tenant: Uuid, opts: NewKey) -> Result<Creat
     let row = db
         .query_one(
             "INSERT INTO api_keys (tenant_id, name, prefix, secret_sha256, scopes, allowed_cidrs,
-                                   rate_limit_rps, rate_limit_eps)
-             VALUES ($1, $2, $3, $4, $5, $6::text[]::cidr[], $7, $8) RETURNING id",
+                                   rate_limit_rps, rate_limit_eps, monthly_event_quota, expires_at)
+             VALUES ($1, $2, $3, $4, $5, $6::text[]::cidr[], $7, $8, $9, $10) RETURNING id",
             &[
                 &tenant,
                 &opts.name,
@@ -123,6 +165,8 @@ pub async fn create_key(db: &Client, tenant: Uuid, opts: NewKey) -> Result<Creat
                 &opts.allowed_cidrs,
                 &opts.rate_limit_rps,
                 &opts.rate_limit_eps,
+                &opts.monthly_event_quota,
+                &opts.expires_at,
             ],
         )
         .await?;

@@ -1,14 +1,29 @@
 //! control-api: the control plane around the hot path (tenants, users, API keys, meters, plans,
-//! subscriptions, invoices, payments, notifications) and the operator CLI.
+//! subscriptions, invoices) and the operator CLI.
 //!
-//! [`catalog`] plans, customers, subscriptions, tax rates and invoices (read);
-//! [`http`] holds the server, the error shape and authentication; [`meters`] the OpenMeter meters
-//! resource; [`query`] the meter query; [`usage`] the event accounting; [`keys`] tenants and API keys.
+//! [`routes`] is the endpoint table (router, access rules and OpenAPI document from one list);
+//! [`http`] the server, settings and error shape; [`auth`] authentication and authorization
+//! against [`rbac`]'s permission matrix; [`identity`] users, sessions, tokens and 2FA;
+//! [`apikeys`] keys over HTTP (on [`keys`]); [`audit`] the audit log; [`idempotency`]
+//! `Idempotency-Key`; [`page`] cursor pagination; [`crypto`] the server key; [`tenants`]
+//! cross-tenant administration; [`catalog`] plans, customers, subscriptions, tax rates and
+//! invoices; [`meters`] the OpenMeter meters resource; [`query`] the meter query; [`usage`] the
+//! event accounting.
 
+pub mod apikeys;
+pub mod audit;
+pub mod auth;
 pub mod catalog;
+pub mod crypto;
 pub mod db;
 pub mod http;
+pub mod identity;
+pub mod idempotency;
 pub mod keys;
 pub mod meters;
+pub mod page;
 pub mod query;
+pub mod rbac;
+pub mod routes;
+pub mod tenants;
 pub mod usage;

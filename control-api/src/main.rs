@@ -32,6 +32,32 @@ enum Command {
     /// API keys; a new key's secret is printed once and never stored.
     #[command(subcommand)]
     Keys(KeysCommand),
+    /// People who sign in to the control API.
+    #[command(subcommand)]
+    Users(UsersCommand),
+    /// Print a new random server key (64 hex digits) for CONTROL_API_SECRET.
+    Secret,
+}
+
+#[derive(Debug, Subcommand)]
+enum UsersCommand {
+    /// Create a user; prints the user as JSON (with a generated password, shown once, unless
+    /// --password-stdin gives one). A verification email is queued in the outbox.
+    /// Needs CONTROL_API_SECRET (the outbox payload is sealed with it).
+    Create {
+        #[arg(long)]
+        tenant: uuid::Uuid,
+        #[arg(long)]
+        email: String,
+        /// user, org_admin or sys_admin.
+        #[arg(long, default_value = "org_admin")]
+        role: String,
+        #[arg(long, default_value = "")]
+        name: String,
+        /// Read the password from the first line of standard input.
+        #[arg(long)]
+        password_stdin: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -61,6 +87,9 @@ enum KeysCommand {
         /// Events per second allowed to this key at the ingest edge.
         #[arg(long)]
         rate_limit_eps: Option<i32>,
+        /// Events per UTC month the ingest edge accepts for this key.
+        #[arg(long)]
+        monthly_quota: Option<i64>,
         #[arg(long, default_value = "")]
         name: String,
     },
@@ -84,9 +113,11 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Serve { listen } => {
+            let key = control_api::crypto::ServerKey::from_env()?;
             let shutdown = tokio_util::sync::CancellationToken::new();
+            let settings = control_api::http::Settings::new(&cli.database_url, key);
             let running =
-                control_api::http::start(listen, &cli.database_url, shutdown.clone()).await?;
+                control_api::http::start_with(listen, settings, shutdown.clone()).await?;
             eprintln!("control-api listening on {}", running.addr);
             let mut term =
                 tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
@@ -121,6 +152,7 @@ async fn main() -> anyhow::Result<()> {
             allow,
             rate_limit_rps,
             rate_limit_eps,
+            monthly_quota,
             name,
         }) => {
             let db = control_api::db::connect(&cli.database_url).await?;
@@ -130,11 +162,58 @@ async fn main() -> anyhow::Result<()> {
                 allowed_cidrs: allow,
                 rate_limit_rps,
                 rate_limit_eps,
+                monthly_event_quota: monthly_quota,
+                expires_at: None,
             };
             let k = control_api::keys::create_key(&db, tenant, opts)
                 .await
                 .context("failed to create the key")?;
             println!("{}", serde_json::to_string(&k)?);
+        }
+        Command::Secret => {
+            println!(
+                "{}",
+                hex::encode(control_api::crypto::random_bytes::<32>())
+            );
+        }
+        Command::Users(UsersCommand::Create {
+            tenant,
+            email,
+            role,
+            name,
+            password_stdin,
+        }) => {
+            let key = control_api::crypto::ServerKey::from_env()?;
+            let password = if password_stdin {
+                let mut line = String::new();
+                std::io::stdin().read_line(&mut line)?;
+                Some(line.trim_end_matches(['\r', '\n']).to_string())
+            } else {
+                None
+            };
+            let mut db = control_api::db::connect(&cli.database_url).await?;
+            let tx = db.transaction().await?;
+            let settings = control_api::http::Settings::new(&cli.database_url, key.clone());
+            let new = control_api::identity::NewUser {
+                email,
+                name,
+                role,
+                password,
+            };
+            let (mut user, generated) = control_api::identity::create_user_in(
+                &tx,
+                &key,
+                settings.verify_email_ttl,
+                tenant,
+                new,
+            )
+            .await
+            .map_err(|e| anyhow::anyhow!("{}: {}", e.code, e.message))?;
+            tx.commit().await?;
+            if let Some(p) = generated {
+                user["password"] = serde_json::json!(p);
+            }
+            println!("{user}");
         }
         Command::Keys(KeysCommand::Revoke { tenant, id }) => {
             let db = control_api::db::connect(&cli.database_url).await?;

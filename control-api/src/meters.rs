@@ -5,7 +5,8 @@
 //! until it is deleted; earlier events are not re-read. Deleting a meter keeps its stored usage
 //! (for invoices already issued) but hides it from the API, and frees its slug.
 
-use crate::http::{ApiError, AppState, Caller};
+use crate::auth::Caller;
+use crate::http::{ApiError, AppState};
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
@@ -139,7 +140,6 @@ pub async fn create(
     caller: Caller,
     body: Result<Json<NewMeter>, axum::extract::rejection::JsonRejection>,
 ) -> Result<impl IntoResponse, ApiError> {
-    caller.require("admin")?;
     let Json(m) =
         body.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_body", e.body_text()))?;
     let (slug, event_type, aggregation) = validate(&m)?;
@@ -167,12 +167,10 @@ pub async fn create(
         .await?;
     match row {
         Some(r) => Ok((StatusCode::CREATED, Json(view(&r)))),
-        None => Err(ApiError {
-            status: StatusCode::CONFLICT,
-            code: "conflict",
-            message: format!("a meter with slug `{slug}` already exists"),
-            field: Some("slug".into()),
-        }),
+        None => Err(crate::http::conflict(
+            "slug",
+            format!("a meter with slug `{slug}` already exists"),
+        )),
     }
 }
 
@@ -180,7 +178,6 @@ pub async fn list(
     State(st): State<AppState>,
     caller: Caller,
 ) -> Result<Json<Vec<MeterView>>, ApiError> {
-    caller.require("read")?;
     let db = st.pool.get().await?;
     let rows = db
         .query(
@@ -217,7 +214,6 @@ pub async fn get_one(
     caller: Caller,
     Path(id_or_slug): Path<String>,
 ) -> Result<Json<MeterView>, ApiError> {
-    caller.require("read")?;
     let db = st.pool.get().await?;
     Ok(Json(find(&db, caller.tenant, &id_or_slug).await?))
 }
@@ -227,7 +223,6 @@ pub async fn delete(
     caller: Caller,
     Path(id_or_slug): Path<String>,
 ) -> Result<StatusCode, ApiError> {
-    caller.require("admin")?;
     let db = st.pool.get().await?;
     let m = find(&db, caller.tenant, &id_or_slug).await?;
     db.execute(

@@ -3,7 +3,8 @@
 //! rejected. Parameters: `from`, `to` (dates, `YYYY-MM-DD`, `to` exclusive; default: the last
 //! 31 days).
 
-use crate::http::{ApiError, AppState, Caller};
+use crate::auth::Caller;
+use crate::http::{ApiError, AppState};
 use axum::extract::{RawQuery, State};
 use axum::Json;
 use chrono::NaiveDate;
@@ -40,7 +41,6 @@ pub async fn outcomes(
     caller: Caller,
     RawQuery(raw): RawQuery,
 ) -> Result<Json<Outcomes>, ApiError> {
-    caller.require("read")?;
     let pairs: Vec<(String, String)> = serde_urlencoded::from_str(raw.as_deref().unwrap_or(""))
         .map_err(|e| ApiError::invalid("query", e.to_string()))?;
     let today = chrono::Utc::now().date_naive();

@@ -25,7 +25,7 @@ async fn key(db: &tokio_postgres::Client, tenant: uuid::Uuid, scopes: &[&str]) -
             scopes: scopes.iter().map(|s| s.to_string()).collect(),
             allowed_cidrs: None,
             rate_limit_rps: None,
-            rate_limit_eps: None,
+            ..Default::default()
         },
     )
     .await
