@@ -294,20 +294,20 @@ pub async fn rotate(
     let old = tx
         .query_opt(
             "SELECT name, scopes, allowed_cidrs::text[], rate_limit_rps, rate_limit_eps,
-                    monthly_event_quota, expires_at
-               FROM api_keys
-              WHERE id = $1 AND tenant_id = $2 AND revoked_at IS NULL AND rotated_to IS NULL
-                AND (expires_at IS NULL OR expires_at > now())
-              FOR UPDATE",
+                    monthly_event_quota, expires_at,
+                    revoked_at IS NULL AND rotated_to IS NULL
+                      AND (expires_at IS NULL OR expires_at > now())
+               FROM api_keys WHERE id = $1 AND tenant_id = $2 FOR UPDATE",
             &[&old_id, &caller.tenant],
         )
         .await?
-        .ok_or_else(|| {
-            ApiError::conflict(
-                "not_rotatable",
-                "no live, not yet rotated key with this id",
-            )
-        })?;
+        .ok_or_else(|| ApiError::not_found("API key"))?;
+    if !old.get::<_, bool>(7) {
+        return Err(ApiError::conflict(
+            "not_rotatable",
+            "the key is revoked, expired or already rotated",
+        ));
+    }
     let spec = NewKey {
         name: old.get(0),
         scopes: old.get(1),
@@ -342,7 +342,10 @@ pub async fn revoke(
     let before = find(&db, caller.tenant, &id).await?;
     let id: Uuid = id.parse().map_err(|_| ApiError::not_found("API key"))?;
     if !crate::keys::revoke_key(&db, caller.tenant, id).await? {
-        return Err(ApiError::conflict("already_revoked", "the key is already revoked"));
+        return Err(ApiError::conflict(
+            "already_revoked",
+            "the key is already revoked",
+        ));
     }
     crate::audit::set_before(before);
     Ok(Json(find(&db, caller.tenant, &id.to_string()).await?))

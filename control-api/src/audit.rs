@@ -114,11 +114,15 @@ pub async fn record(
         redact(b);
     }
     let (kind, mut id) = object_of(route.as_str(), &path);
-    if let Some(oid) = after.as_ref().and_then(|a| a.get("id")).and_then(|v| match v {
-        Value::String(s) => Some(s.clone()),
-        Value::Number(n) => Some(n.to_string()),
-        _ => None,
-    }) {
+    if let Some(oid) = after
+        .as_ref()
+        .and_then(|a| a.get("id"))
+        .and_then(|v| match v {
+            Value::String(s) => Some(s.clone()),
+            Value::Number(n) => Some(n.to_string()),
+            _ => None,
+        })
+    {
         id.get_or_insert(oid);
     }
     let write = async {
@@ -174,7 +178,10 @@ pub async fn list(
     let before_id = page::seq(q.get("cursor").map(String::as_str))?;
     let actor: Option<Uuid> = q
         .get("actor_id")
-        .map(|s| s.parse().map_err(|_| ApiError::invalid("actor_id", "must be a UUID")))
+        .map(|s| {
+            s.parse()
+                .map_err(|_| ApiError::invalid("actor_id", "must be a UUID"))
+        })
         .transpose()?;
     let since = time_filter(&q, "since")?;
     let until = time_filter(&q, "until")?;
@@ -255,7 +262,10 @@ mod tests {
     #[test]
     fn objects_are_named_from_the_route() {
         assert_eq!(
-            object_of("/api/v1/api-keys/{id}/rotate", "/api/v1/api-keys/abc/rotate"),
+            object_of(
+                "/api/v1/api-keys/{id}/rotate",
+                "/api/v1/api-keys/abc/rotate"
+            ),
             ("api-keys".to_string(), Some("abc".to_string()))
         );
         assert_eq!(

@@ -252,7 +252,10 @@ pub async fn authorize(
     };
     let Some(access) = crate::routes::access_of(req.method(), path.as_str()) else {
         // A route without an entry in the table: refuse rather than guess.
-        tracing::error!(path = path.as_str(), "route missing from the endpoint table");
+        tracing::error!(
+            path = path.as_str(),
+            "route missing from the endpoint table"
+        );
         return ApiError::new(
             StatusCode::FORBIDDEN,
             "forbidden",

@@ -126,8 +126,7 @@ async fn run(st: AppState, req: Request, next: Next) -> Result<Response, ApiErro
             None => (Vec::new(), plain),
         };
         let mut r = Response::new(Body::from(body));
-        *r.status_mut() =
-            StatusCode::from_u16(status as u16).map_err(ApiError::internal)?;
+        *r.status_mut() = StatusCode::from_u16(status as u16).map_err(ApiError::internal)?;
         if let Ok(v) = HeaderValue::from_bytes(&ctype) {
             if !ctype.is_empty() {
                 r.headers_mut().insert(header::CONTENT_TYPE, v);

@@ -123,13 +123,9 @@ pub async fn verify_password(hash: String, pw: String) -> bool {
 /// the same time as known ones.
 async fn dummy_hash() -> String {
     static H: tokio::sync::OnceCell<String> = tokio::sync::OnceCell::const_new();
-    H.get_or_init(|| async {
-        hash_password(random_secret(""))
-            .await
-            .unwrap_or_default()
-    })
-    .await
-    .clone()
+    H.get_or_init(|| async { hash_password(random_secret("")).await.unwrap_or_default() })
+        .await
+        .clone()
 }
 
 pub fn normalize_email(field: &str, email: &str) -> Result<String, ApiError> {
@@ -200,11 +196,7 @@ async fn one_time_token(
 }
 
 /// Consumes a one-time token; the user it was for.
-async fn spend_token(
-    tx: &Transaction<'_>,
-    token: &str,
-    purpose: &str,
-) -> Result<Uuid, ApiError> {
+async fn spend_token(tx: &Transaction<'_>, token: &str, purpose: &str) -> Result<Uuid, ApiError> {
     tx.query_opt(
         "UPDATE one_time_tokens SET used_at = now()
           WHERE token_sha256 = $1 AND purpose = $2 AND used_at IS NULL AND expires_at > now()
@@ -319,12 +311,20 @@ pub async fn create_user_for(
     new: NewUser,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     if new.role == Role::SysAdmin.as_str() && caller.role() != Some(Role::SysAdmin) {
-        return Err(ApiError::forbidden("only a sys_admin may create a sys_admin"));
+        return Err(ApiError::forbidden(
+            "only a sys_admin may create a sys_admin",
+        ));
     }
     let mut db = st.pool.get().await?;
     let tx = db.transaction().await?;
-    let (mut user, generated) =
-        create_user_in(&tx, &st.settings.key, st.settings.verify_email_ttl, tenant, new).await?;
+    let (mut user, generated) = create_user_in(
+        &tx,
+        &st.settings.key,
+        st.settings.verify_email_ttl,
+        tenant,
+        new,
+    )
+    .await?;
     tx.commit().await?;
     if let Some(p) = generated {
         user["password"] = json!(p);
@@ -574,7 +574,9 @@ async fn account(
             tenant: r.get(1),
             hash: r.get(2),
             totp: r.get(3),
-            locked_until: r.get::<_, Option<DateTime<Utc>>>(4).filter(|t| *t > Utc::now()),
+            locked_until: r
+                .get::<_, Option<DateTime<Utc>>>(4)
+                .filter(|t| *t > Utc::now()),
         }))
 }
 
@@ -1194,7 +1196,10 @@ pub async fn totp_disable(
     }
     if !check_totp(&st, &db, id, &req.code, false).await? {
         failed(&st, &db, id).await?;
-        return Err(ApiError::invalid("code", "is wrong, expired or already used"));
+        return Err(ApiError::invalid(
+            "code",
+            "is wrong, expired or already used",
+        ));
     }
     db.execute(
         "UPDATE users SET totp_enabled = false, totp_sealed = NULL, totp_last_step = NULL,

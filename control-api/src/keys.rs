@@ -130,7 +130,9 @@ pub fn validate(
 
 pub async fn create_key(
     db: &impl tokio_postgres::GenericClient,
-    tenant: Uuid, opts: NewKey) -> Result<CreatedKey, KeyError> {
+    tenant: Uuid,
+    opts: NewKey,
+) -> Result<CreatedKey, KeyError> {
     let scopes = if opts.scopes.is_empty() {
         vec!["ingest".to_string()]
     } else {
@@ -140,7 +142,11 @@ pub async fn create_key(
         &opts.name,
         Some(&scopes),
         opts.allowed_cidrs.as_deref(),
-        [opts.rate_limit_rps.map(i64::from), opts.rate_limit_eps.map(i64::from), opts.monthly_event_quota],
+        [
+            opts.rate_limit_rps.map(i64::from),
+            opts.rate_limit_eps.map(i64::from),
+            opts.monthly_event_quota,
+        ],
     )?;
     let exists = db
         .query_opt("SELECT 1 FROM tenants WHERE id = $1", &[&tenant])

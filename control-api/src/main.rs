@@ -116,8 +116,7 @@ async fn main() -> anyhow::Result<()> {
             let key = control_api::crypto::ServerKey::from_env()?;
             let shutdown = tokio_util::sync::CancellationToken::new();
             let settings = control_api::http::Settings::new(&cli.database_url, key);
-            let running =
-                control_api::http::start_with(listen, settings, shutdown.clone()).await?;
+            let running = control_api::http::start_with(listen, settings, shutdown.clone()).await?;
             eprintln!("control-api listening on {}", running.addr);
             let mut term =
                 tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
@@ -171,10 +170,7 @@ async fn main() -> anyhow::Result<()> {
             println!("{}", serde_json::to_string(&k)?);
         }
         Command::Secret => {
-            println!(
-                "{}",
-                hex::encode(control_api::crypto::random_bytes::<32>())
-            );
+            println!("{}", hex::encode(control_api::crypto::random_bytes::<32>()));
         }
         Command::Users(UsersCommand::Create {
             tenant,

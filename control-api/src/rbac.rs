@@ -151,7 +151,10 @@ pub fn matrix_markdown() -> String {
             s.push_str(&format!(" {} |", yes(role_allows(r, p))));
         }
         for scope in SCOPES {
-            s.push_str(&format!(" {} |", yes(scope_allows(&[scope.to_string()], p))));
+            s.push_str(&format!(
+                " {} |",
+                yes(scope_allows(&[scope.to_string()], p))
+            ));
         }
         s.push('\n');
     }

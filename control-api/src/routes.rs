@@ -224,7 +224,11 @@ async fn request_id(req: Request, next: Next) -> Response {
         .scope(id.clone(), next.run(req).instrument(span.clone()))
         .await;
     span.in_scope(|| {
-        tracing::info!(status = resp.status().as_u16(), ms = started.elapsed().as_millis() as u64, "served");
+        tracing::info!(
+            status = resp.status().as_u16(),
+            ms = started.elapsed().as_millis() as u64,
+            "served"
+        );
     });
     if let Ok(v) = HeaderValue::from_str(&id) {
         resp.headers_mut().insert("x-request-id", v);
@@ -312,7 +316,10 @@ pub fn openapi() -> Value {
         for (code, what) in [
             ("400", "Invalid input; `field` names the field at fault"),
             ("401", "Missing, invalid or expired credentials"),
-            ("403", "The caller's role or key scopes do not grant the permission"),
+            (
+                "403",
+                "The caller's role or key scopes do not grant the permission",
+            ),
             ("404", "Not found (also for another tenant's ids)"),
         ] {
             responses.insert(
@@ -331,11 +338,10 @@ pub fn openapi() -> Value {
             "x-permission": perm,
         });
         if let Some(body) = e.body {
-            op["requestBody"] = json!({"required": true, "content": {"application/json": {"schema": body()}}});
+            op["requestBody"] =
+                json!({"required": true, "content": {"application/json": {"schema": body()}}});
         }
-        let item = paths
-            .entry(e.path.to_string())
-            .or_insert_with(|| json!({}));
+        let item = paths.entry(e.path.to_string()).or_insert_with(|| json!({}));
         item[e.method.as_str().to_lowercase()] = op;
     }
     json!({
@@ -368,7 +374,12 @@ pub fn docs_markdown() -> String {
     let mut s = crate::rbac::matrix_markdown();
     s.push_str("\n## Endpoints\n\n| method | path | permission |\n|---|---|---|\n");
     for e in endpoints() {
-        s.push_str(&format!("| {} | `{}` | `{}` |\n", e.method, e.path, who(e.access).0));
+        s.push_str(&format!(
+            "| {} | `{}` | `{}` |\n",
+            e.method,
+            e.path,
+            who(e.access).0
+        ));
     }
     s
 }
@@ -398,7 +409,10 @@ mod tests {
         let doc = openapi();
         let mut seen = std::collections::HashSet::new();
         for e in &all {
-            assert!(seen.insert((e.method.clone(), e.path)), "{e:?} listed twice");
+            assert!(
+                seen.insert((e.method.clone(), e.path)),
+                "{e:?} listed twice"
+            );
             let op = &doc["paths"][e.path][e.method.as_str().to_lowercase()];
             assert!(op.is_object(), "{e:?} missing from the OpenAPI document");
             assert_eq!(op["x-permission"], who(e.access).0);

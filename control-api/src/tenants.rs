@@ -50,7 +50,10 @@ pub async fn create(
     let t = body(b)?;
     let db = st.pool.get().await?;
     let t = crate::keys::create_tenant(&db, &t.name).await?;
-    Ok((StatusCode::CREATED, Json(json!({"id": t.id, "name": t.name}))))
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({"id": t.id, "name": t.name})),
+    ))
 }
 
 pub async fn create_user(
