@@ -28,6 +28,24 @@ log "tenant $TENANT"
 KEY_JSON=$($CLI keys create --tenant "$TENANT" --scopes ingest,read,admin --name "quickstart $(date -u +%FT%TZ)")
 KEY=$(python3 -c 'import json,sys; print(json.loads(sys.argv[1])["key"])' "$KEY_JSON")
 log "API key ${KEY:0:11}… created (shown once)"
+# A person too: the tenant's org_admin signs in to the control API with email and password.
+ADMIN_EMAIL="admin+${TENANT:0:8}@demo.example"
+ADMIN_PASSWORD="quickstart-$(head -c 12 /dev/urandom | od -An -tx1 | tr -d ' \n')"
+if ! psql "$DATABASE_URL" -tAc "SELECT 1 FROM users WHERE email = '$ADMIN_EMAIL'" | grep -q 1; then
+  CONTROL_API_SECRET=${CONTROL_API_SECRET:-$(cat "$METERING_STATE/control-api.secret")} \
+    $CLI users create --tenant "$TENANT" --email "$ADMIN_EMAIL" --role org_admin --password-stdin \
+    <<<"$ADMIN_PASSWORD" >/dev/null
+  echo "$ADMIN_PASSWORD" >"$METERING_STATE/demo-admin-password"
+  chmod 600 "$METERING_STATE/demo-admin-password"
+fi
+ADMIN_PASSWORD=$(cat "$METERING_STATE/demo-admin-password")
+ACCESS=$(curl -sf -H 'Content-Type: application/json' \
+  --data "{\"email\":\"$ADMIN_EMAIL\",\"password\":\"$ADMIN_PASSWORD\"}" \
+  "http://127.0.0.1:$CONTROL_API_PORT/api/v1/auth/login" \
+  | python3 -c 'import json,sys; print(json.load(sys.stdin)["access_token"])') \
+  || die "the org_admin could not sign in"
+log "signed in as $ADMIN_EMAIL (org_admin); keys of the tenant: $(curl -sf -H "Authorization: Bearer $ACCESS" \
+  "http://127.0.0.1:$CONTROL_API_PORT/api/v1/api-keys?limit=200" | python3 -c 'import json,sys; print(len(json.load(sys.stdin)["items"]))')"
 
 API="http://127.0.0.1:$INGEST_PORT/api/v1"
 # Creates an object through the API; 409 (it exists from an earlier run) is fine.
@@ -134,7 +152,8 @@ The pipeline is up: $sent events acknowledged by ingest (only once Kafka stored 
 counted exactly once by the aggregator into PostgreSQL (all-time outcomes for this tenant:
 $outcomes).
   ingest + API  http://127.0.0.1:$INGEST_PORT/api/v1   (events, meters, meter queries)
-  control-api   http://127.0.0.1:$CONTROL_API_PORT
+  control-api   http://127.0.0.1:$CONTROL_API_PORT   (Swagger UI at /docs, OpenAPI at /openapi.json)
+  org_admin     $ADMIN_EMAIL, password in $METERING_STATE/demo-admin-password
   PostgreSQL    $DATABASE_URL (migrated)
   Kafka (tansu) $KAFKA_BROKERS, topic $USAGE_TOPIC ($USAGE_TOPIC_PARTITIONS partitions)
   Prometheus    http://127.0.0.1:$PROMETHEUS_PORT

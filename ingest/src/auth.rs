@@ -7,6 +7,15 @@
 //! in PostgreSQL (new keys work at once), and remembered as unknown for half the bound. If the
 //! database cannot be reached for longer than the bound, the edge fails closed (503) rather than
 //! serving keys it can no longer vouch for.
+//!
+//! Monthly event quotas: each key's accepted events are counted per UTC month in
+//! `api_key_usage`, summed over every ingest instance. An instance reserves a request's events
+//! against `stored total + its own not-yet-flushed count` before producing (released again if
+//! the broker refuses them) and flushes its count at each reload. A request that would pass the
+//! quota gets 429 with `Retry-After` until the next month. With N instances the quota can be
+//! overshot by at most what the other N−1 instances accept between two reloads (half the
+//! staleness bound); with one instance it is exact. Events accepted in the last reload period
+//! of a month may be counted in the next one.
 
 use crate::config::AuthConfig;
 use dashmap::DashMap;
@@ -33,6 +42,17 @@ pub struct KeyEntry {
     pub allowed: Option<Vec<IpNet>>,
     pub rps: u32,
     pub eps: u32,
+    /// Events per UTC month; `None`: no quota.
+    pub quota: Option<u64>,
+}
+
+/// One key's count for the current month.
+#[derive(Debug, Default)]
+struct Usage {
+    /// The stored total (all instances) as of the last reload.
+    stored: AtomicU64,
+    /// Accepted (or reserved) here and not yet flushed.
+    pending: AtomicU64,
 }
 
 /// The outcome of checking a request's credentials.
@@ -88,6 +108,7 @@ pub struct KeyCache {
     keys: DashMap<[u8; 32], Arc<KeyEntry>>,
     unknown: DashMap<[u8; 32], Instant>,
     buckets: DashMap<Uuid, Mutex<Buckets>>,
+    usage: DashMap<Uuid, Arc<Usage>>,
     db: tokio::sync::Mutex<Option<Client>>,
     epoch: Instant,
     /// ns since epoch of the last successful reload.
@@ -110,7 +131,9 @@ impl std::fmt::Debug for KeyCache {
 pub struct KeyStoreError(#[from] tokio_postgres::Error);
 
 const SELECT_KEYS: &str = "SELECT id, tenant_id, secret_sha256, scopes, allowed_cidrs::text[],
-        rate_limit_rps, rate_limit_eps
+        rate_limit_rps, rate_limit_eps, monthly_event_quota,
+        (SELECT events FROM api_key_usage u WHERE u.key_id = api_keys.id
+            AND u.month = date_trunc('month', now() AT TIME ZONE 'UTC')::date)
     FROM api_keys
     WHERE revoked_at IS NULL AND (expires_at IS NULL OR expires_at > now())";
 
@@ -122,6 +145,7 @@ impl KeyCache {
             keys: DashMap::new(),
             unknown: DashMap::new(),
             buckets: DashMap::new(),
+            usage: DashMap::new(),
             db: tokio::sync::Mutex::new(None),
             epoch: Instant::now(),
             last_reload: AtomicU64::new(0),
@@ -166,8 +190,48 @@ impl KeyCache {
         Ok(f(client).await?)
     }
 
+    /// Adds what this instance accepted since the last flush to the stored monthly counts.
+    async fn flush_usage(&self) -> Result<(), KeyStoreError> {
+        let mut ids = Vec::new();
+        let mut counts = Vec::new();
+        for e in self.usage.iter() {
+            let n = e.pending.swap(0, Ordering::AcqRel);
+            if n > 0 {
+                ids.push(*e.key());
+                counts.push(n as i64);
+            }
+        }
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let r = self
+            .with_db(async |c| {
+                c.execute(
+                    "INSERT INTO api_key_usage (key_id, month, events)
+                     SELECT k, date_trunc('month', now() AT TIME ZONE 'UTC')::date, n
+                       FROM unnest($1::uuid[], $2::int8[]) AS t(k, n)
+                      WHERE EXISTS (SELECT 1 FROM api_keys WHERE id = k)
+                     ON CONFLICT (key_id, month) DO UPDATE
+                       SET events = api_key_usage.events + EXCLUDED.events",
+                    &[&ids, &counts],
+                )
+                .await
+            })
+            .await;
+        if r.is_err() {
+            // Not stored: count them again next time.
+            for (id, n) in ids.iter().zip(&counts) {
+                if let Some(u) = self.usage.get(id) {
+                    u.pending.fetch_add(*n as u64, Ordering::AcqRel);
+                }
+            }
+        }
+        r.map(|_| ())
+    }
+
     /// Loads every live key, replacing the cache's contents.
     pub async fn reload(&self) -> Result<usize, KeyStoreError> {
+        self.flush_usage().await?;
         let rows = self
             .with_db(async |c| c.query(SELECT_KEYS, &[]).await)
             .await?;
@@ -181,6 +245,8 @@ impl KeyCache {
         self.keys.retain(|h, _| live.contains(h));
         let ids: std::collections::HashSet<Uuid> = self.keys.iter().map(|e| e.id).collect();
         self.buckets.retain(|id, _| ids.contains(id));
+        self.usage
+            .retain(|id, u| ids.contains(id) || u.pending.load(Ordering::Acquire) > 0);
         self.unknown.clear();
         self.last_reload.store(self.now_ns(), Ordering::Release);
         self.loaded.store(true, Ordering::Release);
@@ -203,6 +269,14 @@ impl KeyCache {
         });
         let rps: Option<i32> = row.get(5);
         let eps: Option<i32> = row.get(6);
+        let quota: Option<i64> = row.get(7);
+        let stored: Option<i64> = row.get(8);
+        let id: Uuid = row.get(0);
+        self.usage
+            .entry(id)
+            .or_default()
+            .stored
+            .store(stored.unwrap_or(0).max(0) as u64, Ordering::Release);
         Some((
             hash,
             KeyEntry {
@@ -213,6 +287,7 @@ impl KeyCache {
                 allowed,
                 rps: rps.map_or(self.cfg.default_rate_limit_rps, |v| v.max(1) as u32),
                 eps: eps.map_or(self.cfg.default_rate_limit_eps, |v| v.max(1) as u32),
+                quota: quota.map(|q| q.max(0) as u64),
             },
         ))
     }
@@ -309,6 +384,37 @@ impl KeyCache {
         b.events.take(now, events, key.eps)
     }
 
+    /// Reserves `events` against the key's monthly quota (and counts them for the month);
+    /// `Err(seconds until the next UTC month)` when they would pass it.
+    pub fn reserve_quota(&self, key: &KeyEntry, events: u64) -> Result<(), u32> {
+        let usage = self.usage.entry(key.id).or_default().clone();
+        let before = usage.pending.fetch_add(events, Ordering::AcqRel);
+        if let Some(q) = key.quota {
+            let used = usage.stored.load(Ordering::Acquire) + before;
+            if used + events > q {
+                usage.pending.fetch_sub(events, Ordering::AcqRel);
+                return Err(secs_to_next_month());
+            }
+        }
+        Ok(())
+    }
+
+    /// Gives back a reservation whose events were not accepted.
+    pub fn release_quota(&self, key: &KeyEntry, events: u64) {
+        if let Some(u) = self.usage.get(&key.id) {
+            let _ = u
+                .pending
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |p| {
+                    Some(p.saturating_sub(events))
+                });
+        }
+    }
+
+    /// Stores the counts accepted so far (on shutdown; reloads do it periodically).
+    pub async fn flush(&self) -> Result<(), KeyStoreError> {
+        self.flush_usage().await
+    }
+
     /// Live keys in the cache.
     pub fn len(&self) -> usize {
         self.keys.len()
@@ -317,6 +423,21 @@ impl KeyCache {
     pub fn is_empty(&self) -> bool {
         self.keys.is_empty()
     }
+}
+
+fn secs_to_next_month() -> u32 {
+    use chrono::{Datelike, TimeZone, Utc};
+    let now = Utc::now();
+    let (y, m) = if now.month() == 12 {
+        (now.year() + 1, 1)
+    } else {
+        (now.year(), now.month() + 1)
+    };
+    Utc.with_ymd_and_hms(y, m, 1, 0, 0, 0)
+        .single()
+        .map_or(3600, |t| {
+            (t - now).num_seconds().clamp(1, i64::from(u32::MAX)) as u32
+        })
 }
 
 /// Reloads the cache every half staleness bound until `shutdown`.

@@ -155,4 +155,7 @@ async fn serve(listener: TcpListener, state: Arc<server::State>, shutdown: Cance
         Ok(Err(e)) => tracing::warn!(error = %e, "producer flush incomplete at shutdown"),
         Err(e) => tracing::warn!(error = %e, "producer flush task failed"),
     }
+    if let Err(e) = state.keys.flush().await {
+        tracing::warn!(error = %e, "monthly event counts not stored at shutdown");
+    }
 }

@@ -30,19 +30,21 @@ pub enum Reject {
     Unauthenticated,
     Forbidden,
     RateLimited,
+    QuotaExceeded,
     Overloaded,
     BrokerError,
     UnsupportedMediaType,
 }
 
 impl Reject {
-    pub const ALL: [Reject; 9] = [
+    pub const ALL: [Reject; 10] = [
         Reject::Invalid,
         Reject::TooLarge,
         Reject::TooMany,
         Reject::Unauthenticated,
         Reject::Forbidden,
         Reject::RateLimited,
+        Reject::QuotaExceeded,
         Reject::Overloaded,
         Reject::BrokerError,
         Reject::UnsupportedMediaType,
@@ -54,6 +56,7 @@ impl Reject {
             Reject::TooMany => "too_many_events",
             Reject::Unauthenticated => "unauthenticated",
             Reject::Forbidden => "forbidden",
+            Reject::QuotaExceeded => "quota_exceeded",
             Reject::RateLimited => "rate_limited",
             Reject::Overloaded => "overloaded",
             Reject::BrokerError => "broker_error",

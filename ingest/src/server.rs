@@ -359,8 +359,21 @@ async fn produce(state: &State, key: &KeyEntry, evs: &[crate::event::Event<'_>])
             secs,
         );
     }
+    if let Err(secs) = state.keys.reserve_quota(key, evs.len() as u64) {
+        m::record_rejected(Reject::QuotaExceeded, evs.len());
+        return retry(
+            StatusCode::TOO_MANY_REQUESTS,
+            "quota exceeded",
+            "this API key has used its monthly event quota; it renews at the start of the next UTC month",
+            secs,
+        );
+    }
     let request_id = state.request_id();
-    match state.producer.send(&key.tenant, &request_id, evs).await {
+    let outcome = state.producer.send(&key.tenant, &request_id, evs).await;
+    if !matches!(outcome, ProduceOutcome::Acked) {
+        state.keys.release_quota(key, evs.len() as u64);
+    }
+    match outcome {
         ProduceOutcome::Acked => {
             m::record_accepted(evs.len());
             Response::builder()

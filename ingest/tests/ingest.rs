@@ -413,6 +413,128 @@ async fn a_revoked_key_stops_working_within_the_cache_bound() {
     assert_eq!(r.status, 401, "{}", r.body);
 }
 
+fn batch(prefix: &str, n: usize) -> Bytes {
+    let evs: Vec<_> = (0..n)
+        .map(|i| event(&format!("{prefix}-{i}"), "q"))
+        .collect();
+    Bytes::from(serde_json::to_vec(&evs).expect("json"))
+}
+
+async fn month_count(h: &Harness, key: uuid::Uuid) -> i64 {
+    h.db.query_opt(
+        "SELECT events FROM api_key_usage WHERE key_id = $1
+            AND month = date_trunc('month', now() AT TIME ZONE 'UTC')::date",
+        &[&key],
+    )
+    .await
+    .expect("usage")
+    .map_or(0, |r| r.get(0))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn monthly_event_quotas_are_enforced_and_counted_across_instances() {
+    let h = Harness::new().await;
+    let k = h
+        .key_with(control_api::keys::NewKey {
+            monthly_event_quota: Some(5),
+            ..Default::default()
+        })
+        .await;
+    assert_eq!(
+        post_as(h.addr, &k.key, BATCH, batch("a", 3)).await.status,
+        204
+    );
+    let over = post_as(h.addr, &k.key, BATCH, batch("b", 3)).await;
+    assert_eq!(over.status, 429, "3 + 3 > 5: {}", over.body);
+    assert!(over.body.contains("quota"), "{}", over.body);
+    let wait: u64 = over.headers["retry-after"]
+        .to_str()
+        .expect("ascii")
+        .parse()
+        .expect("seconds");
+    assert!(
+        (1..=31 * 86_400).contains(&wait),
+        "until next month: {wait}"
+    );
+    assert_eq!(
+        post_as(h.addr, &k.key, BATCH, batch("c", 2)).await.status,
+        204,
+        "exactly 5"
+    );
+    assert_eq!(
+        post_as(h.addr, &k.key, CE, Bytes::from(event("d", "q").to_string()))
+            .await
+            .status,
+        429
+    );
+    // Counted in PostgreSQL at the next reload (the harness reloads every 0.5 s).
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    assert_eq!(
+        month_count(&h, k.id).await,
+        5,
+        "refused events are not counted"
+    );
+
+    // Another instance's count (stored) is part of the total; a raised quota applies within
+    // the cache bound.
+    let other = h
+        .key_with(control_api::keys::NewKey {
+            monthly_event_quota: Some(10),
+            ..Default::default()
+        })
+        .await;
+    h.db.execute(
+        "INSERT INTO api_key_usage (key_id, month, events)
+         VALUES ($1, date_trunc('month', now() AT TIME ZONE 'UTC')::date, 9)",
+        &[&other.id],
+    )
+    .await
+    .expect("usage");
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    assert_eq!(
+        post_as(h.addr, &other.key, BATCH, batch("e", 2))
+            .await
+            .status,
+        429
+    );
+    assert_eq!(
+        post_as(h.addr, &other.key, BATCH, batch("f", 1))
+            .await
+            .status,
+        204
+    );
+    h.db.execute(
+        "UPDATE api_keys SET monthly_event_quota = 20, updated_at = clock_timestamp() WHERE id = $1",
+        &[&other.id],
+    )
+    .await
+    .expect("raise");
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    assert_eq!(
+        post_as(h.addr, &other.key, BATCH, batch("g", 2))
+            .await
+            .status,
+        204
+    );
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    assert_eq!(month_count(&h, other.id).await, 12);
+    // Keys without a quota are counted too (shown as events_this_month in the control API).
+    assert_eq!(
+        h.post(CE, Bytes::from(event("h", "q").to_string()))
+            .await
+            .status,
+        204
+    );
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    let plain: uuid::Uuid = h
+        .db
+        .query_one("SELECT id FROM api_keys WHERE monthly_event_quota IS NULL AND name = '' ORDER BY created_at LIMIT 1", &[])
+        .await
+        .expect("key")
+        .get(0);
+    assert!(month_count(&h, plain).await >= 1);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broker_down_gives_503_never_2xx_and_resent_events_are_accepted_after_restart() {
     let mut broker = PrivateBroker::start();
