@@ -16,6 +16,7 @@
 
 use crate::auth::Caller;
 use crate::http::{ApiError, AppState};
+use crate::page;
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
@@ -25,6 +26,7 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use rust_decimal::Decimal;
 use serde::Deserialize;
 use serde_json::{json, Value};
+use std::collections::HashMap;
 use std::str::FromStr;
 use uuid::Uuid;
 
@@ -499,20 +501,33 @@ pub async fn create_customer(
     ))
 }
 
+/// `GET /api/v1/customers?limit&cursor&currency&subject`: cursor-paginated, oldest first.
 pub async fn list_customers(
     State(st): State<AppState>,
     caller: Caller,
-) -> Result<Json<Vec<Value>>, ApiError> {
+    Query(q): Query<HashMap<String, String>>,
+) -> Result<Json<Value>, ApiError> {
+    let limit = page::limit(q.get("limit").map(String::as_str))?;
+    let (t, id) = page::time_id(q.get("cursor").map(String::as_str))?
+        .map_or((None, None), |(t, id)| (Some(t), Some(id)));
     let db = st.pool.get().await?;
     let rows = db
         .query(
             &format!(
-                "SELECT {CUSTOMER_COLUMNS} FROM customers c WHERE c.tenant_id = $1 ORDER BY c.key"
+                "SELECT {CUSTOMER_COLUMNS}, c.created_at, c.id FROM customers c
+                  WHERE c.tenant_id = $1 AND ($2::timestamptz IS NULL OR (c.created_at, c.id) > ($2, $3))
+                    AND ($4::text IS NULL OR c.currency = $4)
+                    AND ($5::text IS NULL OR EXISTS (SELECT 1 FROM customer_subjects s
+                                                     WHERE s.customer_id = c.id AND s.subject = $5))
+                  ORDER BY c.created_at, c.id LIMIT $6"
             ),
-            &[&caller.tenant],
+            &[&caller.tenant, &t, &id, &q.get("currency"), &q.get("subject"), &(limit + 1)],
         )
         .await?;
-    Ok(Json(rows.iter().map(customer_view).collect()))
+    Ok(Json(page::page(rows, limit, customer_view, |r| {
+        let n = r.len();
+        page::time_id_cursor(r.get(n - 2), r.get(n - 1))
+    })))
 }
 
 pub async fn get_customer(
@@ -668,18 +683,40 @@ async fn find_subscription(
     Ok(sub_view(&r))
 }
 
+/// `GET /api/v1/subscriptions?limit&cursor&customer&plan&status`: cursor-paginated, oldest first.
 pub async fn list_subscriptions(
     State(st): State<AppState>,
     caller: Caller,
-) -> Result<Json<Vec<Value>>, ApiError> {
+    Query(q): Query<HashMap<String, String>>,
+) -> Result<Json<Value>, ApiError> {
+    let limit = page::limit(q.get("limit").map(String::as_str))?;
+    let (t, id) = page::time_id(q.get("cursor").map(String::as_str))?
+        .map_or((None, None), |(t, id)| (Some(t), Some(id)));
     let db = st.pool.get().await?;
     let rows = db
         .query(
-            &format!("SELECT {SUB_COLUMNS} FROM {SUB_FROM} WHERE s.tenant_id = $1 ORDER BY c.key, s.started_at"),
-            &[&caller.tenant],
+            &format!(
+                "SELECT {SUB_COLUMNS}, s.created_at, s.id FROM {SUB_FROM}
+                  WHERE s.tenant_id = $1 AND ($2::timestamptz IS NULL OR (s.created_at, s.id) > ($2, $3))
+                    AND ($4::text IS NULL OR c.key = $4) AND ($5::text IS NULL OR p.key = $5)
+                    AND ($6::text IS NULL OR s.status = $6)
+                  ORDER BY s.created_at, s.id LIMIT $7"
+            ),
+            &[
+                &caller.tenant,
+                &t,
+                &id,
+                &q.get("customer"),
+                &q.get("plan"),
+                &q.get("status"),
+                &(limit + 1),
+            ],
         )
         .await?;
-    Ok(Json(rows.iter().map(sub_view).collect()))
+    Ok(Json(page::page(rows, limit, sub_view, |r| {
+        let n = r.len();
+        page::time_id_cursor(r.get(n - 2), r.get(n - 1))
+    })))
 }
 
 pub async fn get_subscription(
@@ -698,6 +735,9 @@ pub async fn get_subscription(
 pub struct InvoiceFilter {
     pub period: Option<String>,
     pub customer: Option<String>,
+    pub status: Option<String>,
+    pub limit: Option<String>,
+    pub cursor: Option<String>,
 }
 
 const INVOICE_COLUMNS: &str =
@@ -723,24 +763,41 @@ fn invoice_view(r: &tokio_postgres::Row) -> Value {
     })
 }
 
+/// `GET /api/v1/invoices?limit&cursor&period&customer&status`: cursor-paginated, oldest first.
 pub async fn list_invoices(
     State(st): State<AppState>,
     caller: Caller,
     Query(f): Query<InvoiceFilter>,
-) -> Result<Json<Vec<Value>>, ApiError> {
+) -> Result<Json<Value>, ApiError> {
+    let limit = page::limit(f.limit.as_deref())?;
+    let (t, id) =
+        page::time_id(f.cursor.as_deref())?.map_or((None, None), |(t, id)| (Some(t), Some(id)));
     let db = st.pool.get().await?;
     let rows = db
         .query(
             &format!(
-                "SELECT {INVOICE_COLUMNS} FROM invoices i JOIN customers c ON c.id = i.customer_id
+                "SELECT {INVOICE_COLUMNS}, i.created_at, i.id
+                   FROM invoices i JOIN customers c ON c.id = i.customer_id
                   WHERE i.tenant_id = $1 AND ($2::text IS NULL OR i.period = $2)
-                    AND ($3::text IS NULL OR c.key = $3)
-                  ORDER BY i.period, c.key"
+                    AND ($3::text IS NULL OR c.key = $3) AND ($4::text IS NULL OR i.status = $4)
+                    AND ($5::timestamptz IS NULL OR (i.created_at, i.id) > ($5, $6))
+                  ORDER BY i.created_at, i.id LIMIT $7"
             ),
-            &[&caller.tenant, &f.period, &f.customer],
+            &[
+                &caller.tenant,
+                &f.period,
+                &f.customer,
+                &f.status,
+                &t,
+                &id,
+                &(limit + 1),
+            ],
         )
         .await?;
-    Ok(Json(rows.iter().map(invoice_view).collect()))
+    Ok(Json(page::page(rows, limit, invoice_view, |r| {
+        let n = r.len();
+        page::time_id_cursor(r.get(n - 2), r.get(n - 1))
+    })))
 }
 
 async fn invoice_json(
