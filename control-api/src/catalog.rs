@@ -57,25 +57,28 @@ fn required<T>(v: Option<T>, field: &str) -> Result<T, ApiError> {
 
 // ---------------------------------------------------------------- plans
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct NewPlanPrice {
     /// Meter id or slug.
     pub meter: Option<String>,
+    /// A price in DESIGN.md's format (`{"type": "unit", "amount": "0.002"}`, tiered, package, …).
+    #[schema(value_type = Option<Object>)]
     pub price: Option<Value>,
     pub entitlement: Option<String>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct NewVersion {
     pub currency: Option<String>,
     pub recurring_fee: Option<String>,
     #[serde(default)]
+    #[schema(inline)]
     pub prices: Vec<NewPlanPrice>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct NewPlan {
     pub key: Option<String>,
@@ -84,6 +87,7 @@ pub struct NewPlan {
     pub currency: Option<String>,
     pub recurring_fee: Option<String>,
     #[serde(default)]
+    #[schema(inline)]
     pub prices: Vec<NewPlanPrice>,
 }
 
@@ -324,7 +328,7 @@ pub async fn get_plan(
 
 // ---------------------------------------------------------------- tax rates
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct NewTaxRate {
     pub rate: Option<String>,
@@ -383,7 +387,7 @@ pub async fn list_tax_rates(
 
 // ---------------------------------------------------------------- customers
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct NewCustomer {
     pub key: Option<String>,
@@ -541,7 +545,7 @@ pub async fn get_customer(
 
 // ---------------------------------------------------------------- subscriptions
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct NewSubscription {
     /// Customer id or key.

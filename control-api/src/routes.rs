@@ -37,9 +37,16 @@ impl std::fmt::Debug for Endpoint {
     }
 }
 
-/// JSON Schema of a request type, for [`Endpoint::body`].
-pub fn schema<T: utoipa::PartialSchema>() -> Value {
-    serde_json::to_value(T::schema()).unwrap_or(Value::Null)
+/// JSON Schema of a request type, for [`Endpoint::body`]: `{"schema": …, "components": {…}}`,
+/// the components being the types it refers to.
+pub fn schema<T: utoipa::ToSchema>() -> Value {
+    let mut deps = Vec::new();
+    T::schemas(&mut deps);
+    let components: Map<String, Value> = deps
+        .into_iter()
+        .map(|(name, s)| (name, serde_json::to_value(s).unwrap_or(Value::Null)))
+        .collect();
+    json!({"schema": serde_json::to_value(T::schema()).unwrap_or(Value::Null), "components": components})
 }
 
 macro_rules! ep {
@@ -136,7 +143,7 @@ pub fn endpoints() -> Vec<Endpoint> {
             "Create a user in any tenant (e.g. its first org_admin)", identity::NewUser),
         // Metering (OpenMeter v1).
         ep!(GET "/api/v1/meters", p(MetersRead), "meters", 200, meters::list, "Meters"),
-        ep!(POST "/api/v1/meters", p(MetersWrite), "meters", 201, meters::create, "Create a meter"),
+        ep!(POST "/api/v1/meters", p(MetersWrite), "meters", 201, meters::create, "Create a meter", meters::NewMeter),
         ep!(GET "/api/v1/meters/{id_or_slug}", p(MetersRead), "meters", 200, meters::get_one, "One meter"),
         ep!(DELETE "/api/v1/meters/{id_or_slug}", p(MetersWrite), "meters", 204, meters::delete,
             "Delete a meter (its stored usage stays)"),
@@ -147,23 +154,23 @@ pub fn endpoints() -> Vec<Endpoint> {
         // Catalog and billing.
         ep!(GET "/api/v1/plans", p(CatalogRead), "catalog", 200, catalog::list_plans, "Plans"),
         ep!(POST "/api/v1/plans", p(CatalogWrite), "catalog", 201, catalog::create_plan,
-            "Create a plan with its first version"),
+            "Create a plan with its first version", catalog::NewPlan),
         ep!(GET "/api/v1/plans/{key}", p(CatalogRead), "catalog", 200, catalog::get_plan, "One plan"),
         ep!(POST "/api/v1/plans/{key}/versions", p(CatalogWrite), "catalog", 201, catalog::create_version,
-            "Add a plan version (versions are immutable)"),
+            "Add a plan version (versions are immutable)", catalog::NewVersion),
         ep!(GET "/api/v1/tax-rates", p(CatalogRead), "catalog", 200, catalog::list_tax_rates, "Tax rates"),
         ep!(PUT "/api/v1/tax-rates/{region}", p(CatalogWrite), "catalog", 200, catalog::put_tax_rate,
-            "Set a region's tax rate"),
+            "Set a region's tax rate", catalog::NewTaxRate),
         ep!(GET "/api/v1/customers", p(CatalogRead), "catalog", 200, catalog::list_customers,
             "Customers (filters: currency, subject; cursor pagination)"),
         ep!(POST "/api/v1/customers", p(CatalogWrite), "catalog", 201, catalog::create_customer,
-            "Create a customer"),
+            "Create a customer", catalog::NewCustomer),
         ep!(GET "/api/v1/customers/{key}", p(CatalogRead), "catalog", 200, catalog::get_customer,
             "One customer"),
         ep!(GET "/api/v1/subscriptions", p(CatalogRead), "catalog", 200, catalog::list_subscriptions,
             "Subscriptions (filters: customer, plan, status; cursor pagination)"),
         ep!(POST "/api/v1/subscriptions", p(CatalogWrite), "catalog", 201, catalog::create_subscription,
-            "Subscribe a customer to a plan version"),
+            "Subscribe a customer to a plan version", catalog::NewSubscription),
         ep!(GET "/api/v1/subscriptions/{id}", p(CatalogRead), "catalog", 200, catalog::get_subscription,
             "One subscription"),
         ep!(GET "/api/v1/invoices", p(InvoicesRead), "invoices", 200, catalog::list_invoices,
@@ -298,6 +305,7 @@ fn who(access: Access) -> (String, String) {
 /// The OpenAPI 3 document, generated from [`endpoints`] and the permission matrix.
 pub fn openapi() -> Value {
     let mut paths = Map::new();
+    let mut schemas = Map::new();
     for e in endpoints() {
         let (perm, description) = who(e.access);
         let mut params: Vec<Value> = e
@@ -340,8 +348,12 @@ pub fn openapi() -> Value {
             "x-permission": perm,
         });
         if let Some(body) = e.body {
+            let b = body();
+            if let Some(c) = b["components"].as_object() {
+                schemas.extend(c.clone());
+            }
             op["requestBody"] =
-                json!({"required": true, "content": {"application/json": {"schema": body()}}});
+                json!({"required": true, "content": {"application/json": {"schema": b["schema"]}}});
         }
         let item = paths.entry(e.path.to_string()).or_insert_with(|| json!({}));
         item[e.method.as_str().to_lowercase()] = op;
@@ -356,7 +368,15 @@ pub fn openapi() -> Value {
         "paths": paths,
         "components": {
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer", "description": "An API key (mk_…) or a person's access token (mat_…)"}},
-            "schemas": {"Problem": {
+            "schemas": problem_and(schemas),
+        }
+    })
+}
+
+fn problem_and(mut schemas: Map<String, Value>) -> Value {
+    schemas.insert(
+        "Problem".into(),
+        json!({
                 "type": "object",
                 "required": ["status", "code", "detail"],
                 "properties": {
@@ -366,9 +386,9 @@ pub fn openapi() -> Value {
                     "field": {"type": ["string", "null"]},
                     "request_id": {"type": ["string", "null"]}
                 }
-            }}
-        }
-    })
+        }),
+    );
+    Value::Object(schemas)
 }
 
 /// `docs/rbac.md`: the matrix and every endpoint with its permission.
@@ -419,7 +439,33 @@ mod tests {
             assert!(op.is_object(), "{e:?} missing from the OpenAPI document");
             assert_eq!(op["x-permission"], who(e.access).0);
         }
+        fn refs(v: &Value, out: &mut Vec<String>) {
+            match v {
+                Value::Object(m) => {
+                    if let Some(Value::String(r)) = m.get("$ref") {
+                        out.push(r.clone());
+                    }
+                    m.values().for_each(|x| refs(x, out));
+                }
+                Value::Array(a) => a.iter().for_each(|x| refs(x, out)),
+                _ => {}
+            }
+        }
+        let mut all_refs = Vec::new();
+        refs(&doc, &mut all_refs);
+        assert!(all_refs.iter().any(|r| r.ends_with("/Problem")));
+        for r in all_refs {
+            let name = r.trim_start_matches("#/components/schemas/");
+            assert!(
+                doc["components"]["schemas"][name].is_object(),
+                "{r} dangles"
+            );
+        }
         let parsed: Result<utoipa::openapi::OpenApi, _> = serde_json::from_value(doc);
-        assert!(parsed.is_ok(), "the document parses as OpenAPI 3");
+        assert!(
+            parsed.is_ok(),
+            "the document parses as OpenAPI 3: {:?}",
+            parsed.err()
+        );
     }
 }

@@ -1079,3 +1079,28 @@ async fn api_keys_rotate_with_grace_revoke_and_audit_without_secrets() {
         assert!(!dump.contains(s), "a secret is stored in clear");
     }
 }
+
+#[tokio::test]
+async fn openapi_and_swagger_ui_are_served_without_credentials() {
+    let api = Api::start().await;
+    let doc = api.call("GET", "/openapi.json", "", None).await;
+    assert_eq!(doc.status, 200);
+    assert_eq!(doc.json["openapi"], "3.1.0");
+    let login = &doc.json["paths"]["/api/v1/auth/login"]["post"];
+    assert_eq!(login["x-permission"], "public");
+    assert_eq!(
+        login["requestBody"]["content"]["application/json"]["schema"]["required"],
+        json!(["email", "password"])
+    );
+    assert_eq!(
+        doc.json["paths"]["/api/v1/api-keys"]["post"]["x-permission"],
+        "keys:write"
+    );
+    let ui = api.call("GET", "/docs/", "", None).await;
+    assert_eq!(ui.status, 200, "{}", ui.text);
+    assert!(ui.text.to_lowercase().contains("swagger"), "{}", ui.text);
+    let init = api
+        .call("GET", "/docs/swagger-initializer.js", "", None)
+        .await;
+    assert!(init.text.contains("/openapi.json"), "{}", init.text);
+}
