@@ -960,6 +960,13 @@ where
 {
     let id = invoice_id(&id)?;
     let mut db = st.pool.get().await?;
+    if let Ok(before) = invoice_json(&db, caller.tenant, id).await {
+        let mut b = before;
+        if let Some(o) = b.as_object_mut() {
+            o.remove("lines");
+        }
+        crate::audit::set_before(b);
+    }
     let tx = db.transaction().await?;
     match change(&tx, caller.tenant, id).await? {
         schemas::invoices::Change::Done(_) => tx.commit().await?,

@@ -13,6 +13,7 @@ use axum::response::IntoResponse;
 use axum::Json;
 use schemas::meter::{Aggregation, JsonPath};
 use serde::{Deserialize, Serialize};
+use serde_json::json;
 use std::collections::BTreeMap;
 use uuid::Uuid;
 
@@ -225,6 +226,7 @@ pub async fn delete(
 ) -> Result<StatusCode, ApiError> {
     let db = st.pool.get().await?;
     let m = find(&db, caller.tenant, &id_or_slug).await?;
+    crate::audit::set_before(json!({"id": m.id, "slug": m.slug, "deleted": false}));
     db.execute(
         "UPDATE meters SET deleted_at = now(), updated_at = now() WHERE tenant_id = $1 AND id = $2 AND deleted_at IS NULL",
         &[&caller.tenant, &m.id],
