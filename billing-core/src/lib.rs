@@ -16,8 +16,10 @@
 //! with the lines it shows.
 
 pub mod invoice;
+pub mod lifecycle;
 pub mod money;
 pub mod percentage;
+pub mod period;
 pub mod price;
 pub mod proration;
 

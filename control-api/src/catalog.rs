@@ -173,8 +173,8 @@ async fn insert_version(
     Ok(row.get(1))
 }
 
-async fn plan_view(
-    db: &tokio_postgres::Client,
+async fn plan_view<C: tokio_postgres::GenericClient>(
+    db: &C,
     tenant: Uuid,
     key: &str,
 ) -> Result<Value, ApiError> {
@@ -271,7 +271,7 @@ pub async fn create_plan(
     tx.commit().await?;
     Ok((
         StatusCode::CREATED,
-        Json(plan_view(&db, caller.tenant, &key).await?),
+        Json(plan_view(&**db, caller.tenant, &key).await?),
     ))
 }
 
@@ -283,7 +283,7 @@ pub async fn create_version(
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     let v = body(b)?;
     let mut db = st.pool.get().await?;
-    let plan = plan_view(&db, caller.tenant, &key).await?;
+    let plan = plan_view(&**db, caller.tenant, &key).await?;
     let pid = Uuid::parse_str(plan["id"].as_str().unwrap_or_default())
         .map_err(|_| ApiError::not_found("plan"))?;
     let checked = check_version(&db, caller.tenant, &v).await?;
@@ -295,7 +295,7 @@ pub async fn create_version(
     tx.commit().await?;
     Ok((
         StatusCode::CREATED,
-        Json(plan_view(&db, caller.tenant, &key).await?),
+        Json(plan_view(&**db, caller.tenant, &key).await?),
     ))
 }
 
@@ -312,7 +312,7 @@ pub async fn list_plans(
         .await?;
     let mut out = Vec::with_capacity(keys.len());
     for k in keys {
-        out.push(plan_view(&db, caller.tenant, k.get(0)).await?);
+        out.push(plan_view(&**db, caller.tenant, k.get(0)).await?);
     }
     Ok(Json(out))
 }
@@ -323,7 +323,7 @@ pub async fn get_plan(
     Path(key): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
     let db = st.pool.get().await?;
-    Ok(Json(plan_view(&db, caller.tenant, &key).await?))
+    Ok(Json(plan_view(&**db, caller.tenant, &key).await?))
 }
 
 // ---------------------------------------------------------------- tax rates
@@ -417,8 +417,8 @@ fn customer_view(r: &tokio_postgres::Row) -> Value {
     })
 }
 
-async fn find_customer(
-    db: &tokio_postgres::Client,
+pub(crate) async fn find_customer<C: tokio_postgres::GenericClient>(
+    db: &C,
     tenant: Uuid,
     key: &str,
 ) -> Result<Value, ApiError> {
@@ -501,7 +501,7 @@ pub async fn create_customer(
     tx.commit().await?;
     Ok((
         StatusCode::CREATED,
-        Json(find_customer(&db, caller.tenant, &id.to_string()).await?),
+        Json(find_customer(&**db, caller.tenant, &id.to_string()).await?),
     ))
 }
 
@@ -540,7 +540,7 @@ pub async fn get_customer(
     Path(key): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
     let db = st.pool.get().await?;
-    Ok(Json(find_customer(&db, caller.tenant, &key).await?))
+    Ok(Json(find_customer(&**db, caller.tenant, &key).await?))
 }
 
 // ---------------------------------------------------------------- subscriptions
@@ -557,10 +557,15 @@ pub struct NewSubscription {
     /// RFC 3339; now when absent.
     pub started_at: Option<String>,
     pub ended_at: Option<String>,
+    /// A free trial of this many days (1 to 365): the subscription starts `trialing`.
+    pub trial_days: Option<i32>,
 }
 
 const SUB_COLUMNS: &str =
-    "s.id, c.key, p.key, v.version, s.status, s.started_at, s.ended_at, s.auto_renew, v.currency";
+    "s.id, c.key, p.key, v.version, s.status, s.started_at, s.ended_at, s.auto_renew, v.currency,
+     s.trial_ends_at, s.cancel_at_period_end, s.past_due_since, s.replaced_by, s.scheduled_change_at,
+     (SELECT p2.key || ' v' || v2.version FROM plan_versions v2 JOIN plans p2 ON p2.id = v2.plan_id
+       WHERE v2.id = s.scheduled_plan_version_id)";
 
 fn sub_view(r: &tokio_postgres::Row) -> Value {
     json!({
@@ -573,6 +578,12 @@ fn sub_view(r: &tokio_postgres::Row) -> Value {
         "endedAt": r.get::<_, Option<DateTime<Utc>>>(6).map(ts),
         "autoRenew": r.get::<_, bool>(7),
         "currency": r.get::<_, String>(8),
+        "trialEndsAt": r.get::<_, Option<DateTime<Utc>>>(9).map(ts),
+        "cancelAtPeriodEnd": r.get::<_, bool>(10),
+        "pastDueSince": r.get::<_, Option<DateTime<Utc>>>(11).map(ts),
+        "replacedBy": r.get::<_, Option<Uuid>>(12),
+        "scheduledChangeAt": r.get::<_, Option<DateTime<Utc>>>(13).map(ts),
+        "scheduledPlan": r.get::<_, Option<String>>(14),
     })
 }
 
@@ -593,34 +604,20 @@ pub async fn create_subscription(
     let s = body(b)?;
     let db = st.pool.get().await?;
     let customer = find_customer(
-        &db,
+        &**db,
         caller.tenant,
         required(s.customer.as_deref(), "customer")?,
     )
     .await
     .map_err(|_| ApiError::invalid("customer", "no such customer"))?;
-    let plan = plan_view(&db, caller.tenant, required(s.plan.as_deref(), "plan")?)
-        .await
-        .map_err(|_| ApiError::invalid("plan", "no such plan"))?;
-    let versions = plan["versions"].as_array().cloned().unwrap_or_default();
-    let version = match s.version {
-        Some(n) => versions
-            .iter()
-            .find(|v| v["version"] == n)
-            .ok_or_else(|| ApiError::invalid("version", "the plan has no such version"))?,
-        None => versions
-            .last()
-            .ok_or_else(|| ApiError::invalid("plan", "has no version"))?,
-    };
-    if version["currency"] != customer["currency"] {
-        return Err(ApiError::invalid(
-            "plan",
-            format!(
-                "is priced in {} but the customer is billed in {}",
-                version["currency"], customer["currency"]
-            ),
-        ));
-    }
+    let (vid, _) = plan_version_for(
+        &**db,
+        caller.tenant,
+        &customer,
+        required(s.plan.as_deref(), "plan")?,
+        s.version,
+    )
+    .await?;
     let started = match &s.started_at {
         Some(t) => time("startedAt", t)?,
         None => Utc::now(),
@@ -633,10 +630,19 @@ pub async fn create_subscription(
     if ended.is_some_and(|e| e <= started) {
         return Err(ApiError::invalid("endedAt", "must be after startedAt"));
     }
+    if s.trial_days.is_some_and(|d| !(1..=365).contains(&d)) {
+        return Err(ApiError::invalid("trialDays", "must be 1 to 365"));
+    }
+    let trial_ends = s
+        .trial_days
+        .map(|d| started + chrono::Duration::days(i64::from(d)));
+    let status = if trial_ends.is_some() {
+        billing_core::lifecycle::Status::Trialing
+    } else {
+        billing_core::lifecycle::Status::Active
+    };
     let cid = Uuid::parse_str(customer["id"].as_str().unwrap_or_default())
         .map_err(|_| ApiError::not_found("customer"))?;
-    let vid = Uuid::parse_str(version["id"].as_str().unwrap_or_default())
-        .map_err(|_| ApiError::not_found("plan version"))?;
     // One subscription at a time per customer: the rater bills each subscription's span
     // [startedAt, endedAt), whatever its status, so overlapping spans would bill usage twice.
     // The customer row is locked so that two concurrent requests cannot both pass the check.
@@ -659,20 +665,59 @@ pub async fn create_subscription(
     }
     let row = tx
         .query_one(
-            "INSERT INTO subscriptions (tenant_id, customer_id, plan_version_id, started_at, ended_at)
-             VALUES ($1, $2, $3, $4, $5) RETURNING id",
-            &[&caller.tenant, &cid, &vid, &started, &ended],
+            "INSERT INTO subscriptions (tenant_id, customer_id, plan_version_id, started_at, ended_at,
+                                        status, trial_ends_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING id",
+            &[&caller.tenant, &cid, &vid, &started, &ended, &status.as_str(), &trial_ends],
         )
         .await?;
-    tx.commit().await?;
     let id: Uuid = row.get(0);
+    crate::subscriptions::record(&tx, caller.tenant, id, "created", None, status, json!({}))
+        .await?;
+    tx.commit().await?;
     Ok((
         StatusCode::CREATED,
         Json(find_subscription(&db, caller.tenant, id).await?),
     ))
 }
 
-async fn find_subscription(
+/// The plan version a customer may subscribe to: `version` of `plan` (the latest when `None`),
+/// priced in the customer's currency. Errors name the field.
+pub(crate) async fn plan_version_for<C: tokio_postgres::GenericClient>(
+    db: &C,
+    tenant: Uuid,
+    customer: &Value,
+    plan: &str,
+    version: Option<i32>,
+) -> Result<(Uuid, Value), ApiError> {
+    let plan = plan_view(db, tenant, plan)
+        .await
+        .map_err(|_| ApiError::invalid("plan", "no such plan"))?;
+    let versions = plan["versions"].as_array().cloned().unwrap_or_default();
+    let version = match version {
+        Some(n) => versions
+            .iter()
+            .find(|v| v["version"] == n)
+            .ok_or_else(|| ApiError::invalid("version", "the plan has no such version"))?,
+        None => versions
+            .last()
+            .ok_or_else(|| ApiError::invalid("plan", "has no version"))?,
+    };
+    if version["currency"] != customer["currency"] {
+        return Err(ApiError::invalid(
+            "plan",
+            format!(
+                "is priced in {} but the customer is billed in {}",
+                version["currency"], customer["currency"]
+            ),
+        ));
+    }
+    let vid = Uuid::parse_str(version["id"].as_str().unwrap_or_default())
+        .map_err(|_| ApiError::not_found("plan version"))?;
+    Ok((vid, version.clone()))
+}
+
+pub(crate) async fn find_subscription(
     db: &tokio_postgres::Client,
     tenant: Uuid,
     id: Uuid,
@@ -941,7 +986,31 @@ pub async fn mark_paid(
     caller: Caller,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    change_invoice(st, caller, id, "marked paid", schemas::invoices::mark_paid).await
+    let tenant = caller.tenant;
+    let answer = change_invoice(
+        st.clone(),
+        caller,
+        id,
+        "marked paid",
+        schemas::invoices::mark_paid,
+    )
+    .await?;
+    // A past-due subscription is active again once its invoice is paid.
+    let inv = invoice_id(answer.0["id"].as_str().unwrap_or_default())?;
+    let mut db = st.pool.get().await?;
+    let tx = db.transaction().await?;
+    let sub: Option<Uuid> = tx
+        .query_opt(
+            "SELECT subscription_id FROM invoices WHERE tenant_id = $1 AND id = $2",
+            &[&tenant, &inv],
+        )
+        .await?
+        .map(|r| r.get(0));
+    if let Some(sub) = sub {
+        crate::subscriptions::payment(&tx, tenant, sub, true, inv).await?;
+    }
+    tx.commit().await?;
+    Ok(answer)
 }
 
 async fn change_invoice<F>(

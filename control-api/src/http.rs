@@ -35,6 +35,8 @@ pub struct Settings {
     pub key_rotation_grace: Duration,
     /// How long an `Idempotency-Key` is remembered.
     pub idempotency_ttl: Duration,
+    /// How long a subscription stays past due before it is canceled.
+    pub past_due_grace: Duration,
 }
 
 impl Settings {
@@ -51,6 +53,7 @@ impl Settings {
             reset_password_ttl: Duration::from_secs(3600),
             key_rotation_grace: Duration::from_secs(86_400),
             idempotency_ttl: Duration::from_secs(86_400),
+            past_due_grace: Duration::from_secs(14 * 86_400),
         }
     }
 }

@@ -6,7 +6,7 @@
 //! against [`rbac`]'s permission matrix; [`identity`] users, sessions, tokens and 2FA;
 //! [`apikeys`] keys over HTTP (on [`keys`]); [`audit`] the audit log; [`idempotency`]
 //! `Idempotency-Key`; [`page`] cursor pagination; [`crypto`] the server key; [`tenants`]
-//! cross-tenant administration; [`catalog`] plans, customers, subscriptions, tax rates and
+//! cross-tenant administration; [`subscriptions`] the subscription lifecycle; [`catalog`] plans, customers, subscriptions, tax rates and
 //! invoices; [`meters`] the OpenMeter meters resource; [`query`] the meter query; [`usage`] the
 //! event accounting.
 
@@ -25,5 +25,6 @@ pub mod page;
 pub mod query;
 pub mod rbac;
 pub mod routes;
+pub mod subscriptions;
 pub mod tenants;
 pub mod usage;

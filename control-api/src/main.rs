@@ -37,6 +37,24 @@ enum Command {
     Users(UsersCommand),
     /// Print a new random server key (64 hex digits) for CONTROL_API_SECRET.
     Secret,
+    /// The subscription lifecycle.
+    #[command(subcommand)]
+    Subscriptions(SubscriptionsCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum SubscriptionsCommand {
+    /// Apply what time decides up to now (or --at): trials ending, scheduled plan changes,
+    /// cancels at period end, expiries, past-due grace periods running out. `serve` does this
+    /// every minute; safe to run any number of times. Prints what it did as JSON.
+    Advance {
+        /// RFC 3339 time to advance to (default: now).
+        #[arg(long)]
+        at: Option<chrono::DateTime<chrono::Utc>>,
+        /// Days a subscription may stay past due before it is canceled.
+        #[arg(long, default_value_t = 14)]
+        grace_days: u64,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -102,6 +120,28 @@ enum KeysCommand {
     },
 }
 
+/// The lifecycle's clock: applies what time decides once a minute until shutdown.
+async fn advance_every_minute(url: String, shutdown: tokio_util::sync::CancellationToken) {
+    let grace = std::time::Duration::from_secs(14 * 86_400);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(std::time::Duration::from_secs(60)) => {}
+        }
+        let run = async {
+            let mut db = control_api::db::connect(&url).await?;
+            let done = control_api::subscriptions::advance(&mut db, chrono::Utc::now(), grace)
+                .await
+                .map_err(|e| anyhow::anyhow!("{}: {}", e.code, e.message))?;
+            anyhow::Ok(done)
+        };
+        match run.await {
+            Ok(d) => tracing::debug!(?d, "subscriptions advanced"),
+            Err(e) => tracing::warn!(error = %e, "advancing subscriptions failed"),
+        }
+    }
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
@@ -118,6 +158,10 @@ async fn main() -> anyhow::Result<()> {
             let settings = control_api::http::Settings::new(&cli.database_url, key);
             let running = control_api::http::start_with(listen, settings, shutdown.clone()).await?;
             eprintln!("control-api listening on {}", running.addr);
+            tokio::spawn(advance_every_minute(
+                cli.database_url.clone(),
+                shutdown.clone(),
+            ));
             let mut term =
                 tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
             tokio::select! {
@@ -168,6 +212,17 @@ async fn main() -> anyhow::Result<()> {
                 .await
                 .context("failed to create the key")?;
             println!("{}", serde_json::to_string(&k)?);
+        }
+        Command::Subscriptions(SubscriptionsCommand::Advance { at, grace_days }) => {
+            let mut db = control_api::db::connect(&cli.database_url).await?;
+            let done = control_api::subscriptions::advance(
+                &mut db,
+                at.unwrap_or_else(chrono::Utc::now),
+                std::time::Duration::from_secs(grace_days * 86_400),
+            )
+            .await
+            .map_err(|e| anyhow::anyhow!("{}: {}", e.code, e.message))?;
+            println!("{}", serde_json::to_string(&done)?);
         }
         Command::Secret => {
             println!("{}", hex::encode(control_api::crypto::random_bytes::<32>()));

@@ -72,7 +72,7 @@ macro_rules! ep {
 
 /// Every endpoint of the control API.
 pub fn endpoints() -> Vec<Endpoint> {
-    use crate::{apikeys, audit, catalog, identity, meters, query, tenants, usage};
+    use crate::{apikeys, audit, catalog, identity, meters, query, subscriptions, tenants, usage};
     use Access::{Public, SignedIn};
     use Perm::*;
     let p = Access::Perm;
@@ -173,6 +173,20 @@ pub fn endpoints() -> Vec<Endpoint> {
             "Subscribe a customer to a plan version", catalog::NewSubscription),
         ep!(GET "/api/v1/subscriptions/{id}", p(CatalogRead), "catalog", 200, catalog::get_subscription,
             "One subscription"),
+        ep!(POST "/api/v1/subscriptions/{id}/cancel", p(CatalogWrite), "catalog", 200, subscriptions::cancel,
+            "Cancel now, or at the end of the current period (`{\"at\": \"period_end\"}`)", subscriptions::When),
+        ep!(POST "/api/v1/subscriptions/{id}/resume", p(CatalogWrite), "catalog", 200, subscriptions::resume,
+            "Undo a scheduled cancel or plan change"),
+        ep!(POST "/api/v1/subscriptions/{id}/auto-renew", p(CatalogWrite), "catalog", 200, subscriptions::auto_renew,
+            "Auto-renew on or off (off: the subscription expires at the end of the current period)",
+            subscriptions::AutoRenew),
+        ep!(POST "/api/v1/subscriptions/{id}/change-plan", p(CatalogWrite), "catalog", 201, subscriptions::change_plan,
+            "Upgrade or downgrade now (with proration) or at the end of the period", subscriptions::PlanChange),
+        ep!(GET "/api/v1/subscriptions/{id}/events", p(CatalogRead), "catalog", 200, subscriptions::events,
+            "The subscription's domain events (every transition)"),
+        ep!(POST "/api/v1/invoices/{id}/payment-failed", p(InvoicesWrite), "invoices", 200,
+            subscriptions::invoice_payment_failed,
+            "Record a failed collection: the subscription goes past due (grace period starts)"),
         ep!(GET "/api/v1/invoices", p(InvoicesRead), "invoices", 200, catalog::list_invoices,
             "Invoices (filters: period, customer, status; cursor pagination)"),
         ep!(GET "/api/v1/invoices/{id}", p(InvoicesRead), "invoices", 200, catalog::get_invoice,

@@ -9,7 +9,8 @@
 //! - [`analysis`]: costs by group-by dimension, what-if under another plan, current spend.
 
 pub mod analysis;
-pub mod period;
+/// Billing periods live in billing-core (control-api needs them too).
+pub use billing_core::period;
 pub mod run;
 pub mod show;
 pub mod usage;

@@ -125,6 +125,21 @@ pub fn ceil_minute(t: DateTime<Utc>) -> DateTime<Utc> {
     Utc.timestamp_opt(secs, 0).single().unwrap_or(t)
 }
 
+/// The billing period `[start, end)` containing `t`, for a customer with `anchor_day` in `tz`.
+pub fn containing(t: DateTime<Utc>, anchor_day: u32, tz: Tz) -> (DateTime<Utc>, DateTime<Utc>) {
+    // The period labelled with t's local month starts on or before the anchor day of that month;
+    // t lies in it, in the one before, or (for a late anchor) in the one after.
+    let mut ym = YearMonth::of(t, tz).next();
+    for _ in 0..3 {
+        let (s, e) = bounds(ym, anchor_day, tz);
+        if s <= t && t < e {
+            return (s, e);
+        }
+        ym = ym.prev();
+    }
+    bounds(YearMonth::of(t, tz), anchor_day, tz)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -191,5 +206,30 @@ mod tests {
             ceil_minute(utc("2026-01-01T00:00:00.5Z")),
             utc("2026-01-01T00:01:00Z")
         );
+    }
+
+    #[test]
+    fn containing_finds_the_period_around_an_instant() {
+        let kolkata: Tz = "Asia/Kolkata".parse().expect("tz");
+        let t = |s: &str| {
+            DateTime::parse_from_rfc3339(s)
+                .expect("time")
+                .with_timezone(&Utc)
+        };
+        // Anchor 15 in Kolkata (+05:30): 10 March is in the period that began on 15 February.
+        let (s, e) = containing(t("2026-03-10T12:00:00Z"), 15, kolkata);
+        assert_eq!(s, t("2026-02-14T18:30:00Z"));
+        assert_eq!(e, t("2026-03-14T18:30:00Z"));
+        // The start itself belongs to the period; the end to the next one.
+        assert_eq!(containing(e, 15, kolkata).0, e);
+        let utc: Tz = "UTC".parse().expect("tz");
+        let (s, e) = containing(t("2027-04-11T00:00:00Z"), 1, utc);
+        assert_eq!(
+            (s, e),
+            (t("2027-04-01T00:00:00Z"), t("2027-05-01T00:00:00Z"))
+        );
+        // A late anchor in a short month: 31 → the last day.
+        let (s, _) = containing(t("2026-02-28T12:00:00Z"), 31, utc);
+        assert_eq!(s, t("2026-02-28T00:00:00Z"));
     }
 }
