@@ -8,11 +8,12 @@
 //! `Idempotency-Key`; [`page`] cursor pagination; [`crypto`] the server key; [`tenants`]
 //! cross-tenant administration; [`subscriptions`] the subscription lifecycle; [`catalog`] plans, customers, subscriptions, tax rates and
 //! invoices; [`meters`] the OpenMeter meters resource; [`query`] the meter query; [`usage`] the
-//! event accounting.
+//! event accounting; [`business`] the business metrics on `/metrics`.
 
 pub mod apikeys;
 pub mod audit;
 pub mod auth;
+pub mod business;
 pub mod catalog;
 pub mod crypto;
 pub mod db;

@@ -72,12 +72,16 @@ macro_rules! ep {
 
 /// Every endpoint of the control API.
 pub fn endpoints() -> Vec<Endpoint> {
-    use crate::{apikeys, audit, catalog, identity, meters, query, subscriptions, tenants, usage};
+    use crate::{
+        apikeys, audit, business, catalog, identity, meters, query, subscriptions, tenants, usage,
+    };
     use Access::{Public, SignedIn};
     use Perm::*;
     let p = Access::Perm;
     vec![
         ep!(GET "/healthz", Public, "operations", 200, healthz, "Liveness"),
+        ep!(GET "/metrics", Public, "operations", 200, business::metrics,
+            "Business metrics (Prometheus): subscriptions, MRR, ARPU, invoices, payment failures, notifications"),
         // Identity: signing in and tokens.
         ep!(POST "/api/v1/auth/login", Public, "auth", 200, identity::login,
             "Sign in with email and password; answers tokens, or an MFA challenge", identity::LoginRequest),

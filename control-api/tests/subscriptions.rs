@@ -414,3 +414,113 @@ async fn trials_past_due_payments_grace_and_scheduled_changes() {
     );
     assert_eq!(new["status"], "active");
 }
+
+/// The value of the series `name` whose labels include every `label="value"` of `labels`.
+fn series(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    text.lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")))
+        .find(|l| {
+            labels
+                .iter()
+                .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
+        })
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+#[tokio::test]
+async fn business_metrics_for_grafana() {
+    let fx = Fx::new().await;
+    let a = fx
+        .sub("acme", "basic", "2026-01-01T00:00:00Z", json!({}))
+        .await;
+    fx.sub("beta", "pro", "2026-01-01T00:00:00Z", json!({}))
+        .await;
+    fx.sub("gamma", "basic", "2026-02-01T00:00:00Z", json!({}))
+        .await;
+    fx.sub("later", "pro", "2099-01-01T00:00:00Z", json!({}))
+        .await;
+    let inv = fx.issued_invoice(&id(&a), "2026-01").await;
+    let r = fx
+        .call(
+            "POST",
+            &format!("/api/v1/invoices/{inv}/payment-failed"),
+            None,
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    fx.api.user(fx.api.a, "someone@a.example", "user").await;
+    let m = fx.api.call("GET", "/metrics", "", None).await;
+    assert_eq!(m.status, 200);
+    let t = fx.api.a.to_string();
+    let tenant = ("tenant", t.as_str());
+    assert_eq!(
+        series(
+            &m.text,
+            "billing_mrr",
+            &[tenant, ("plan", "basic"), ("currency", "EUR")]
+        ),
+        Some(60.0)
+    );
+    assert_eq!(
+        series(&m.text, "billing_mrr", &[tenant, ("plan", "pro")]),
+        Some(60.0),
+        "the 2099 one is not live"
+    );
+    assert_eq!(
+        series(&m.text, "billing_arpu", &[tenant, ("plan", "basic")]),
+        Some(30.0)
+    );
+    assert_eq!(
+        series(
+            &m.text,
+            "billing_active_subscriptions",
+            &[tenant, ("plan", "basic"), ("status", "past_due")]
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        series(
+            &m.text,
+            "billing_active_subscriptions",
+            &[tenant, ("plan", "basic"), ("status", "active")]
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        series(&m.text, "billing_invoices", &[tenant, ("status", "issued")]),
+        Some(1.0)
+    );
+    assert_eq!(
+        series(&m.text, "billing_payment_failures", &[tenant]),
+        Some(1.0)
+    );
+    assert_eq!(
+        series(
+            &m.text,
+            "notifications",
+            &[("kind", "verify_email"), ("state", "pending")]
+        ),
+        Some(1.0)
+    );
+    // Paid: no longer issued; the subscription is active again.
+    fx.call("POST", &format!("/api/v1/invoices/{inv}/mark-paid"), None)
+        .await;
+    let m = fx.api.call("GET", "/metrics", "", None).await;
+    assert_eq!(
+        series(&m.text, "billing_invoices", &[tenant, ("status", "paid")]),
+        Some(1.0)
+    );
+    assert_eq!(
+        series(&m.text, "billing_invoices", &[tenant, ("status", "issued")]),
+        None
+    );
+    assert_eq!(
+        series(
+            &m.text,
+            "billing_active_subscriptions",
+            &[tenant, ("status", "past_due")]
+        ),
+        None
+    );
+}
