@@ -195,8 +195,13 @@ impl KeyCache {
         let mut ids = Vec::new();
         let mut counts = Vec::new();
         for e in self.usage.iter() {
-            let n = e.pending.swap(0, Ordering::AcqRel);
+            // Move the count from pending to stored (stored first: for a moment it is counted
+            // twice, never zero times, so a reservation racing with the flush cannot pass the
+            // quota).
+            let n = e.pending.load(Ordering::Acquire);
             if n > 0 {
+                e.stored.fetch_add(n, Ordering::AcqRel);
+                e.pending.fetch_sub(n, Ordering::AcqRel);
                 ids.push(*e.key());
                 counts.push(n as i64);
             }
@@ -223,6 +228,7 @@ impl KeyCache {
             for (id, n) in ids.iter().zip(&counts) {
                 if let Some(u) = self.usage.get(id) {
                     u.pending.fetch_add(*n as u64, Ordering::AcqRel);
+                    u.stored.fetch_sub(*n as u64, Ordering::AcqRel);
                 }
             }
         }

@@ -4,7 +4,8 @@
 //! - **Spans.** A subscription is billed for its share of the customer's period
 //!   ([`crate::period`]): `[max(period start, started_at), min(period end, ended_at))`. Periods
 //!   are half-open and meet exactly, so no minute is billed twice across a boundary or missed.
-//! - **Lines.** The plan version's recurring fee, prorated by the second for a partial span; one
+//! - **Lines.** The plan version's recurring fee, prorated by the second for a partial span (none
+//!   before a free trial ends: `subscriptions.trial_ends_at`); one
 //!   usage line per priced meter (tiers, minimum true-up and cap in its breakdown); corrections.
 //! - **Corrections.** For the two periods before, when an issued (or paid) invoice exists, the
 //!   usage is aggregated again; where the quantity differs from the last one billed for that
@@ -88,6 +89,8 @@ pub struct Sub {
     pub recurring_fee: Decimal,
     pub started_at: DateTime<Utc>,
     pub ended_at: Option<DateTime<Utc>>,
+    /// A free trial: no recurring fee before this instant (usage is rated as usual).
+    pub trial_ends_at: Option<DateTime<Utc>>,
 }
 
 impl Sub {
@@ -217,7 +220,8 @@ pub async fn load_subs(
     let rows = db
         .query(
             "SELECT s.id, c.id, c.key, c.timezone, c.billing_anchor_day, c.tax_region, c.currency,
-                    s.plan_version_id, p.key || ' v' || v.version, v.recurring_fee, s.started_at, s.ended_at
+                    s.plan_version_id, p.key || ' v' || v.version, v.recurring_fee, s.started_at, s.ended_at,
+                    s.trial_ends_at
                FROM subscriptions s JOIN customers c ON c.id = s.customer_id
                JOIN plan_versions v ON v.id = s.plan_version_id JOIN plans p ON p.id = v.plan_id
               WHERE s.tenant_id = $1 AND ($2::text IS NULL OR c.key = $2 OR c.id = $3)
@@ -244,6 +248,7 @@ pub async fn load_subs(
                 recurring_fee: r.get(9),
                 started_at: r.get(10),
                 ended_at: r.get(11),
+                trial_ends_at: r.get(12),
             })
         })
         .collect()
@@ -607,7 +612,10 @@ pub async fn rate_tenant(
         let mps = prices.get(&s.plan_version).unwrap_or(&no_prices);
         if d.period == ym {
             has_span[d.sub] = true;
-            if !s.recurring_fee.is_zero() {
+            // The fee runs from the end of a free trial, if one covers part of the span.
+            let fee_from = s.trial_ends_at.map_or(from, |t| t.clamp(from, to));
+            if !s.recurring_fee.is_zero() && fee_from < to {
+                let from = fee_from;
                 let amount = prorate(
                     s.recurring_fee,
                     Span::Seconds(ps, pe),

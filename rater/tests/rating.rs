@@ -415,6 +415,29 @@ async fn a_period_is_rated_into_draft_invoices_with_hand_checked_amounts() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_free_trial_waives_the_recurring_fee_until_it_ends() {
+    let (mut f, _) = Fixture::with_acme().await;
+    // Trial until 11 April, Berlin midnight (22:00 UTC on the 10th).
+    f.db.execute(
+        "UPDATE subscriptions SET status = 'trialing', trial_ends_at = '2026-04-10T22:00:00Z'",
+        &[],
+    )
+    .await
+    .expect("trial");
+    f.add(&acme_events()).await;
+    f.run("2026-03").await;
+    let march = f.lines("acme", "2026-03").await;
+    assert!(march.iter().all(|l| l.0 != "recurring"), "{march:?}");
+    assert_eq!(march.len(), 3, "usage is rated as usual: {march:?}");
+    // April in Berlin is 720 h; the fee runs for the last 480: 30 × 480 / 720 = 20.00.
+    f.run("2026-04").await;
+    let april = f.lines("acme", "2026-04").await;
+    let fee: Vec<_> = april.iter().filter(|l| l.0 == "recurring").collect();
+    assert_eq!(fee.len(), 1, "{april:?}");
+    assert_eq!(fee[0].3, d("20"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rerunning_changes_nothing_and_late_usage_becomes_a_correction_on_the_next_invoice() {
     let (mut f, v) = Fixture::with_acme().await;
     f.customer(

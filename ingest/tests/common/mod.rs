@@ -149,10 +149,24 @@ pub async fn send(
     headers: &[(&str, &str)],
     body: Bytes,
 ) -> Resp {
-    let stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    try_send(addr, method, path, headers, body)
+        .await
+        .expect("connect, send and read an answer")
+}
+
+/// [`send`], or `None` when the connection is refused or closed without an answer (a server
+/// shutting down).
+pub async fn try_send(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Bytes,
+) -> Option<Resp> {
+    let stream = tokio::net::TcpStream::connect(addr).await.ok()?;
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
-        .expect("handshake");
+        .ok()?;
     tokio::spawn(conn);
     let mut req = Request::builder()
         .method(method)
@@ -164,15 +178,15 @@ pub async fn send(
     let resp = sender
         .send_request(req.body(Full::new(body)).expect("request"))
         .await
-        .expect("response");
+        .ok()?;
     let status = resp.status().as_u16();
     let headers = resp.headers().clone();
-    let body = resp.into_body().collect().await.expect("body").to_bytes();
-    Resp {
+    let body = resp.into_body().collect().await.ok()?.to_bytes();
+    Some(Resp {
         status,
         headers,
         body: String::from_utf8_lossy(&body).into_owned(),
-    }
+    })
 }
 
 #[derive(Debug, Clone)]
