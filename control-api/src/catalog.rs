@@ -299,22 +299,30 @@ pub async fn create_version(
     ))
 }
 
+/// `GET /api/v1/plans?limit&cursor&tier`: by key, cursor-paginated.
 pub async fn list_plans(
     State(st): State<AppState>,
     caller: Caller,
-) -> Result<Json<Vec<Value>>, ApiError> {
+    Query(q): Query<HashMap<String, String>>,
+) -> Result<Json<Value>, ApiError> {
+    let limit = page::limit(q.get("limit").map(String::as_str))?;
+    let after = page::key(q.get("cursor").map(String::as_str))?;
     let db = st.pool.get().await?;
     let keys = db
         .query(
-            "SELECT key FROM plans WHERE tenant_id = $1 ORDER BY key",
-            &[&caller.tenant],
+            "SELECT key FROM plans WHERE tenant_id = $1 AND ($2::text IS NULL OR key > $2)
+                AND ($3::text IS NULL OR tier = $3)
+              ORDER BY key LIMIT $4",
+            &[&caller.tenant, &after, &q.get("tier"), &(limit + 1)],
         )
         .await?;
     let mut out = Vec::with_capacity(keys.len());
     for k in keys {
         out.push(plan_view(&**db, caller.tenant, k.get(0)).await?);
     }
-    Ok(Json(out))
+    Ok(Json(page::page(out, limit, Value::clone, |p| {
+        page::key_cursor(p["key"].as_str().unwrap_or_default())
+    })))
 }
 
 pub async fn get_plan(
@@ -365,24 +373,29 @@ pub async fn put_tax_rate(
     ))
 }
 
+/// `GET /api/v1/tax-rates?limit&cursor`: by region, cursor-paginated.
 pub async fn list_tax_rates(
     State(st): State<AppState>,
     caller: Caller,
-) -> Result<Json<Vec<Value>>, ApiError> {
+    Query(q): Query<HashMap<String, String>>,
+) -> Result<Json<Value>, ApiError> {
+    let limit = page::limit(q.get("limit").map(String::as_str))?;
+    let after = page::key(q.get("cursor").map(String::as_str))?;
     let db = st.pool.get().await?;
     let rows = db
         .query(
-            "SELECT region, rate, inclusive FROM tax_rates WHERE tenant_id = $1 ORDER BY region",
-            &[&caller.tenant],
+            "SELECT region, rate, inclusive FROM tax_rates
+              WHERE tenant_id = $1 AND ($2::text IS NULL OR region > $2)
+              ORDER BY region LIMIT $3",
+            &[&caller.tenant, &after, &(limit + 1)],
         )
         .await?;
-    Ok(Json(
-        rows.iter()
-            .map(|r| {
-                json!({"region": r.get::<_, String>(0), "rate": dec(r.get(1)), "inclusive": r.get::<_, bool>(2)})
-            })
-            .collect(),
-    ))
+    Ok(Json(page::page(
+        rows,
+        limit,
+        |r| json!({"region": r.get::<_, String>(0), "rate": dec(r.get(1)), "inclusive": r.get::<_, bool>(2)}),
+        |r| page::key_cursor(r.get(0)),
+    )))
 }
 
 // ---------------------------------------------------------------- customers

@@ -55,6 +55,19 @@ pub fn time_id_cursor(t: DateTime<Utc>, id: Uuid) -> String {
     encode(&json!({"t": t.to_rfc3339_opts(chrono::SecondsFormat::Micros, true), "id": id}))
 }
 
+/// A cursor over a unique text key, ascending.
+pub fn key(raw: Option<&str>) -> Result<Option<String>, ApiError> {
+    let Some(raw) = raw else { return Ok(None) };
+    decode(raw)?["k"]
+        .as_str()
+        .map(|k| Some(k.to_string()))
+        .ok_or_else(|| ApiError::invalid("cursor", "is not a cursor this API gave"))
+}
+
+pub fn key_cursor(k: &str) -> String {
+    encode(&json!({ "k": k }))
+}
+
 /// A cursor over a descending bigint id.
 pub fn seq(raw: Option<&str>) -> Result<Option<i64>, ApiError> {
     let Some(raw) = raw else { return Ok(None) };

@@ -578,4 +578,71 @@ async fn lists_page_with_cursors_and_filters() {
         .call("GET", "/api/v1/invoices?cursor=bm9wZQ", &api.reader, None)
         .await;
     assert_eq!((s, b["field"].as_str()), (400, Some("cursor")));
+    // Plans by key, tax rates by region.
+    for (k, tier) in [("c", "pro"), ("a", "basic"), ("b", "pro")] {
+        created(
+            &api,
+            "/api/v1/plans",
+            json!({"key": k, "tier": tier, "currency": "EUR"}),
+        )
+        .await;
+    }
+    let (_, p1) = api
+        .call("GET", "/api/v1/plans?limit=2", &api.reader, None)
+        .await;
+    let keys: Vec<&str> = p1["items"]
+        .as_array()
+        .expect("items")
+        .iter()
+        .filter_map(|p| p["key"].as_str())
+        .collect();
+    assert_eq!(keys, ["a", "b"]);
+    let next = p1["next_cursor"].as_str().expect("cursor");
+    let (_, p2) = api
+        .call(
+            "GET",
+            &format!("/api/v1/plans?limit=2&cursor={next}"),
+            &api.reader,
+            None,
+        )
+        .await;
+    assert_eq!(
+        (p2["items"][0]["key"].as_str(), p2["next_cursor"].is_null()),
+        (Some("c"), true)
+    );
+    let (_, pro) = api
+        .call("GET", "/api/v1/plans?tier=pro", &api.reader, None)
+        .await;
+    assert_eq!(pro["items"].as_array().map(Vec::len), Some(2));
+    for region in ["US-NY", "DE", "FR"] {
+        let (s, b) = api
+            .call(
+                "PUT",
+                &format!("/api/v1/tax-rates/{region}"),
+                &api.admin,
+                Some(json!({"rate": "19"})),
+            )
+            .await;
+        assert_eq!(s, 200, "{b}");
+    }
+    let (_, t1) = api
+        .call("GET", "/api/v1/tax-rates?limit=2", &api.reader, None)
+        .await;
+    assert_eq!(
+        (
+            t1["items"][0]["region"].as_str(),
+            t1["items"][1]["region"].as_str()
+        ),
+        (Some("DE"), Some("FR"))
+    );
+    let next = t1["next_cursor"].as_str().expect("cursor");
+    let (_, t2) = api
+        .call(
+            "GET",
+            &format!("/api/v1/tax-rates?cursor={next}"),
+            &api.reader,
+            None,
+        )
+        .await;
+    assert_eq!(t2["items"][0]["region"], "US-NY");
 }
