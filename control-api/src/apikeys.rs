@@ -5,7 +5,7 @@
 //! (10 s by default).
 
 use crate::auth::Caller;
-use crate::http::{body, ApiError, AppState};
+use crate::http::{body, optional_body, ApiError, AppState};
 use crate::keys::{create_key, validate, KeyError, NewKey};
 use crate::page;
 use axum::extract::rejection::JsonRejection;
@@ -273,12 +273,7 @@ pub async fn rotate(
     Path(id): Path<String>,
     raw: axum::body::Bytes,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
-    let r: Rotate = if raw.iter().all(u8::is_ascii_whitespace) {
-        Rotate::default()
-    } else {
-        serde_json::from_slice(&raw)
-            .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_body", e.to_string()))?
-    };
+    let r: Rotate = optional_body(&raw)?;
     let grace = r
         .grace_seconds
         .unwrap_or(st.settings.key_rotation_grace.as_secs() as i64);

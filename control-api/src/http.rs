@@ -183,17 +183,30 @@ impl From<deadpool_postgres::PoolError> for ApiError {
 pub fn body<T>(
     b: Result<axum::Json<T>, axum::extract::rejection::JsonRejection>,
 ) -> Result<T, ApiError> {
-    b.map(|axum::Json(t)| t).map_err(|e| {
-        let text = e.body_text();
-        let field = text
-            .split_once("field `")
-            .and_then(|(_, rest)| rest.split_once('`'))
-            .map(|(f, _)| f.to_string());
-        ApiError {
-            field,
-            ..ApiError::new(StatusCode::BAD_REQUEST, "invalid_body", text)
-        }
-    })
+    b.map(|axum::Json(t)| t)
+        .map_err(|e| invalid_body(e.body_text()))
+}
+
+/// An optional JSON body: empty means `T::default()`; otherwise as [`body`].
+pub fn optional_body<T: Default + serde::de::DeserializeOwned>(
+    raw: &axum::body::Bytes,
+) -> Result<T, ApiError> {
+    if raw.iter().all(u8::is_ascii_whitespace) {
+        return Ok(T::default());
+    }
+    serde_json::from_slice(raw).map_err(|e| invalid_body(e.to_string()))
+}
+
+/// 400 `invalid_body`, with the field serde named in `text` (`… field `x` …`), if any.
+fn invalid_body(text: String) -> ApiError {
+    let field = text
+        .split_once("field `")
+        .and_then(|(_, rest)| rest.split_once('`'))
+        .map(|(f, _)| f.to_string());
+    ApiError {
+        field,
+        ..ApiError::new(StatusCode::BAD_REQUEST, "invalid_body", text)
+    }
 }
 
 /// 409 naming the field whose value is taken.

@@ -10,7 +10,7 @@
 //! moment of the request; billing_core::period computes it exactly as the rater does.
 
 use crate::auth::Caller;
-use crate::http::{body, ApiError, AppState};
+use crate::http::{body, optional_body, ApiError, AppState};
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
@@ -176,22 +176,6 @@ pub struct When {
     pub at: Option<String>,
 }
 
-fn parse_at(raw: &axum::body::Bytes) -> Result<When, ApiError> {
-    if raw.iter().all(u8::is_ascii_whitespace) {
-        return Ok(When::default());
-    }
-    serde_json::from_slice(raw).map_err(|e| {
-        let text = e.to_string();
-        ApiError {
-            field: text
-                .split_once("field `")
-                .and_then(|(_, r)| r.split_once('`'))
-                .map(|(f, _)| f.to_string()),
-            ..ApiError::new(StatusCode::BAD_REQUEST, "invalid_body", text)
-        }
-    })
-}
-
 fn at_period_end(at: Option<&str>) -> Result<bool, ApiError> {
     match at.unwrap_or("now") {
         "now" => Ok(false),
@@ -207,7 +191,7 @@ pub async fn cancel(
     Path(id): Path<String>,
     raw: axum::body::Bytes,
 ) -> Result<Json<Value>, ApiError> {
-    let end_of_period = at_period_end(parse_at(&raw)?.at.as_deref())?;
+    let end_of_period = at_period_end(optional_body::<When>(&raw)?.at.as_deref())?;
     let mut db = st.pool.get().await?;
     let tx = db.transaction().await?;
     let sub = lock(&tx, caller.tenant, &id).await?;
