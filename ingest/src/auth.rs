@@ -393,7 +393,11 @@ impl KeyCache {
     /// Reserves `events` against the key's monthly quota (and counts them for the month);
     /// `Err(seconds until the next UTC month)` when they would pass it.
     pub fn reserve_quota(&self, key: &KeyEntry, events: u64) -> Result<(), u32> {
-        let usage = self.usage.entry(key.id).or_default().clone();
+        // A shared (read) lock on the hot path; the write lock only for a key's first request.
+        let usage = match self.usage.get(&key.id) {
+            Some(u) => u.clone(),
+            None => self.usage.entry(key.id).or_default().clone(),
+        };
         let before = usage.pending.fetch_add(events, Ordering::AcqRel);
         if let Some(q) = key.quota {
             let used = usage.stored.load(Ordering::Acquire) + before;
