@@ -34,11 +34,11 @@ const PLAN_TIERS: [&str; 5] = ["free", "basic", "pro", "enterprise", "custom"];
 
 use crate::http::{body, conflict};
 
-fn ts(t: DateTime<Utc>) -> String {
+pub(crate) fn ts(t: DateTime<Utc>) -> String {
     t.to_rfc3339_opts(SecondsFormat::Millis, true)
 }
 
-fn dec(d: Decimal) -> String {
+pub(crate) fn dec(d: Decimal) -> String {
     d.normalize().to_string()
 }
 
@@ -46,7 +46,7 @@ fn currency(field: &str, code: &str) -> Result<Currency, ApiError> {
     Currency::from_code(code).map_err(|e| ApiError::invalid(field, e.to_string()))
 }
 
-fn decimal(field: &str, s: &str) -> Result<Decimal, ApiError> {
+pub(crate) fn decimal(field: &str, s: &str) -> Result<Decimal, ApiError> {
     Decimal::from_str(s.trim())
         .map_err(|_| ApiError::invalid(field, "must be a decimal number written as a string"))
 }
@@ -862,7 +862,7 @@ pub async fn list_invoices(
     })))
 }
 
-async fn invoice_json(
+pub(crate) async fn invoice_json(
     db: &tokio_postgres::Client,
     tenant: Uuid,
     id: Uuid,
@@ -915,7 +915,7 @@ async fn invoice_json(
     Ok(inv)
 }
 
-fn invoice_id(id: &str) -> Result<Uuid, ApiError> {
+pub(crate) fn invoice_id(id: &str) -> Result<Uuid, ApiError> {
     Uuid::parse_str(id).map_err(|_| ApiError::not_found("invoice"))
 }
 
@@ -937,7 +937,7 @@ pub struct IssueParams {
     pub early: bool,
 }
 
-fn state_conflict(what: &str, state: &str) -> ApiError {
+pub(crate) fn state_conflict(what: &str, state: &str) -> ApiError {
     ApiError::new(
         StatusCode::CONFLICT,
         "invalid_state",
@@ -989,41 +989,55 @@ pub async fn void_invoice(
     caller: Caller,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
+    if let Ok(inv) = invoice_id(&id) {
+        let db = st.pool.get().await?;
+        let held: Decimal = db
+            .query_one(
+                "SELECT coalesce(sum(amount - refunded), 0) FROM payments
+                  WHERE invoice_id = $1 AND tenant_id = $2 AND status IN ('pending', 'succeeded')",
+                &[&inv, &caller.tenant],
+            )
+            .await?
+            .get(0);
+        if held > Decimal::ZERO {
+            return Err(ApiError::conflict(
+                "invoice_has_payments",
+                format!(
+                    "the invoice holds {} of payments; refund them (or credit the invoice) instead of voiding it",
+                    dec(held)
+                ),
+            ));
+        }
+    }
     change_invoice(st, caller, id, "voided", schemas::invoices::void).await
 }
 
 /// `POST /api/v1/invoices/{id}/mark-paid`: an issued invoice paid outside a payment provider
-/// (e.g. a bank transfer). 409 for any other state.
+/// (e.g. a bank transfer): what is left to collect is recorded as a `manual` payment. 409 for
+/// any other state, or while a provider payment is pending.
 pub async fn mark_paid(
     State(st): State<AppState>,
     caller: Caller,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    let tenant = caller.tenant;
-    let answer = change_invoice(
-        st.clone(),
-        caller,
-        id,
-        "marked paid",
-        schemas::invoices::mark_paid,
-    )
-    .await?;
-    // A past-due subscription is active again once its invoice is paid.
-    let inv = invoice_id(answer.0["id"].as_str().unwrap_or_default())?;
+    let id = invoice_id(&id)?;
     let mut db = st.pool.get().await?;
-    let tx = db.transaction().await?;
-    let sub: Option<Uuid> = tx
-        .query_opt(
-            "SELECT subscription_id FROM invoices WHERE tenant_id = $1 AND id = $2",
-            &[&tenant, &inv],
-        )
-        .await?
-        .map(|r| r.get(0));
-    if let Some(sub) = sub {
-        crate::subscriptions::payment(&tx, tenant, sub, true, inv).await?;
+    if let Ok(mut before) = invoice_json(&db, caller.tenant, id).await {
+        if let Some(o) = before.as_object_mut() {
+            o.remove("lines");
+        }
+        crate::audit::set_before(before);
     }
+    let tx = db.transaction().await?;
+    crate::payments::record_manual(&tx, caller.tenant, id).await?;
+    let sub: Uuid = tx
+        .query_one("SELECT subscription_id FROM invoices WHERE id = $1", &[&id])
+        .await?
+        .get(0);
+    // A past-due subscription is active again once its invoice is paid.
+    crate::subscriptions::payment_quietly(&tx, caller.tenant, sub, true, id).await?;
     tx.commit().await?;
-    Ok(answer)
+    Ok(Json(invoice_json(&db, caller.tenant, id).await?))
 }
 
 async fn change_invoice<F>(

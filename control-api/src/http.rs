@@ -37,6 +37,57 @@ pub struct Settings {
     pub idempotency_ttl: Duration,
     /// How long a subscription stays past due before it is canceled.
     pub past_due_grace: Duration,
+    pub payments: PaymentSettings,
+    pub notify: NotifySettings,
+}
+
+/// Payment providers.
+#[derive(Debug, Clone)]
+pub struct PaymentSettings {
+    /// `sandbox` or `stripe`: the provider of a payment that names none.
+    pub default_provider: &'static str,
+    /// How long the sandbox's delayed-confirmation cards stay pending.
+    pub sandbox_confirm_delay: Duration,
+    pub stripe: Option<crate::stripe::StripeSettings>,
+}
+
+/// Notifications and the background workers.
+#[derive(Debug, Clone)]
+pub struct NotifySettings {
+    /// Run the workers in this process: outbox delivery, threshold evaluation, pending payments.
+    pub workers: bool,
+    /// `smtp://host:port`, `smtps://…`; without it emails wait in the outbox.
+    pub smtp_url: Option<String>,
+    pub mail_from: String,
+    /// Base of the links in emails.
+    pub public_url: String,
+    /// Attempts before a message is dead.
+    pub max_attempts: i32,
+    pub backoff_base: Duration,
+    pub backoff_max: Duration,
+    /// Per delivery attempt.
+    pub timeout: Duration,
+    /// How often the outbox is looked at.
+    pub deliver_every: Duration,
+    /// How often thresholds are evaluated.
+    pub evaluate_every: Duration,
+    /// How often pending payments are asked about.
+    pub refresh_payments_every: Duration,
+}
+
+impl NotifySettings {
+    pub fn delivery(&self, key: &ServerKey) -> crate::delivery::Delivery {
+        crate::delivery::Delivery {
+            key: key.clone(),
+            smtp_url: self.smtp_url.clone(),
+            mail_from: self.mail_from.clone(),
+            public_url: self.public_url.clone(),
+            max_attempts: self.max_attempts,
+            backoff_base: self.backoff_base,
+            backoff_max: self.backoff_max,
+            timeout: self.timeout,
+        }
+    }
 }
 
 impl Settings {
@@ -54,6 +105,24 @@ impl Settings {
             key_rotation_grace: Duration::from_secs(86_400),
             idempotency_ttl: Duration::from_secs(86_400),
             past_due_grace: Duration::from_secs(14 * 86_400),
+            payments: PaymentSettings {
+                default_provider: "sandbox",
+                sandbox_confirm_delay: Duration::from_secs(5),
+                stripe: None,
+            },
+            notify: NotifySettings {
+                workers: false,
+                smtp_url: None,
+                mail_from: "metering@localhost".into(),
+                public_url: "http://127.0.0.1:8081".into(),
+                max_attempts: 8,
+                backoff_base: Duration::from_secs(10),
+                backoff_max: Duration::from_secs(3600),
+                timeout: Duration::from_secs(10),
+                deliver_every: Duration::from_secs(1),
+                evaluate_every: Duration::from_secs(30),
+                refresh_payments_every: Duration::from_secs(10),
+            },
         }
     }
 }
@@ -62,6 +131,29 @@ impl Settings {
 pub struct AppState {
     pub pool: deadpool_postgres::Pool,
     pub settings: Arc<Settings>,
+    pub providers: crate::payments::Providers,
+    pub hub: crate::inbox::Hub,
+}
+
+impl AppState {
+    pub fn new(pool: deadpool_postgres::Pool, settings: Settings) -> Self {
+        let sandbox =
+            crate::provider::Sandbox::new(pool.clone(), settings.payments.sandbox_confirm_delay);
+        let stripe = settings.payments.stripe.clone().map(|s| {
+            std::sync::Arc::new(crate::stripe::Stripe::new(s))
+                as std::sync::Arc<dyn crate::provider::PaymentProvider>
+        });
+        AppState {
+            providers: crate::payments::Providers {
+                sandbox: std::sync::Arc::new(sandbox),
+                stripe,
+                default: settings.payments.default_provider,
+            },
+            hub: crate::inbox::Hub::new(),
+            pool,
+            settings: Arc::new(settings),
+        }
+    }
 }
 
 tokio::task_local! {
@@ -258,10 +350,17 @@ pub async fn start_with(
     let pool = pool(&settings.database_url)?;
     let listener = tokio::net::TcpListener::bind(listen).await?;
     let addr = listener.local_addr()?;
-    let app = crate::routes::router(AppState {
-        pool,
-        settings: Arc::new(settings),
-    });
+    let state = AppState::new(pool, settings);
+    tokio::spawn(
+        state
+            .hub
+            .clone()
+            .listen(state.settings.database_url.clone(), shutdown.clone()),
+    );
+    if state.settings.notify.workers {
+        crate::workers::spawn(state.clone(), shutdown.clone());
+    }
+    let app = crate::routes::router(state);
     let done = tokio::spawn(async move {
         let r = axum::serve(
             listener,

@@ -23,6 +23,35 @@ enum Command {
     Serve {
         #[arg(long, env = "CONTROL_API_LISTEN", default_value = "127.0.0.1:8081")]
         listen: std::net::SocketAddr,
+        /// SMTP relay for email notifications (`smtp://host:port`, `smtps://…`); without it
+        /// emails wait in the outbox.
+        #[arg(long, env = "CONTROL_API_SMTP_URL")]
+        smtp_url: Option<String>,
+        /// Sender address of emails.
+        #[arg(
+            long,
+            env = "CONTROL_API_MAIL_FROM",
+            default_value = "metering@localhost"
+        )]
+        mail_from: String,
+        /// Base URL of the links in emails.
+        #[arg(
+            long,
+            env = "CONTROL_API_PUBLIC_URL",
+            default_value = "http://127.0.0.1:8081"
+        )]
+        public_url: String,
+        /// Stripe's API base URL; with STRIPE_SECRET_KEY and STRIPE_WEBHOOK_SECRET it enables
+        /// the stripe provider.
+        #[arg(
+            long,
+            env = "STRIPE_API_BASE",
+            default_value = "https://api.stripe.com"
+        )]
+        stripe_api_base: String,
+        /// Do not run the background workers (delivery, thresholds, pending payments) here.
+        #[arg(long)]
+        no_workers: bool,
     },
     /// Apply pending SQL migrations (safe to run twice); prints the applied ones as JSON.
     Migrate,
@@ -40,6 +69,35 @@ enum Command {
     /// The subscription lifecycle.
     #[command(subcommand)]
     Subscriptions(SubscriptionsCommand),
+    /// Payments.
+    #[command(subcommand)]
+    Payments(PaymentsCommand),
+    /// Notifications.
+    #[command(subcommand)]
+    Notifications(NotificationsCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum PaymentsCommand {
+    /// Every mismatch between the providers' records, payments, refunds and invoices of a
+    /// tenant; prints a JSON report and exits 1 when there is any.
+    Reconcile {
+        #[arg(long)]
+        tenant: uuid::Uuid,
+        /// RFC 3339 start (default: 35 days ago).
+        #[arg(long)]
+        from: Option<chrono::DateTime<chrono::Utc>>,
+        /// RFC 3339 end, exclusive (default: now).
+        #[arg(long)]
+        to: Option<chrono::DateTime<chrono::Utc>>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum NotificationsCommand {
+    /// Evaluate the usage thresholds once now (serve does it continuously); prints what fired.
+    /// Needs CONTROL_API_SECRET (outbox payloads are sealed with it).
+    Evaluate,
 }
 
 #[derive(Debug, Subcommand)]
@@ -152,10 +210,32 @@ async fn main() -> anyhow::Result<()> {
         .init();
     let cli = Cli::parse();
     match cli.command {
-        Command::Serve { listen } => {
+        Command::Serve {
+            listen,
+            smtp_url,
+            mail_from,
+            public_url,
+            stripe_api_base,
+            no_workers,
+        } => {
             let key = control_api::crypto::ServerKey::from_env()?;
             let shutdown = tokio_util::sync::CancellationToken::new();
-            let settings = control_api::http::Settings::new(&cli.database_url, key);
+            let mut settings = control_api::http::Settings::new(&cli.database_url, key);
+            settings.notify.workers = !no_workers;
+            settings.notify.smtp_url = smtp_url;
+            settings.notify.mail_from = mail_from;
+            settings.notify.public_url = public_url;
+            if let (Ok(secret_key), Ok(webhook_secret)) = (
+                std::env::var("STRIPE_SECRET_KEY"),
+                std::env::var("STRIPE_WEBHOOK_SECRET"),
+            ) {
+                settings.payments.stripe = Some(control_api::stripe::StripeSettings {
+                    api_base: stripe_api_base,
+                    secret_key,
+                    webhook_secret,
+                    tolerance: std::time::Duration::from_secs(300),
+                });
+            }
             let running = control_api::http::start_with(listen, settings, shutdown.clone()).await?;
             eprintln!("control-api listening on {}", running.addr);
             tokio::spawn(advance_every_minute(
@@ -222,6 +302,29 @@ async fn main() -> anyhow::Result<()> {
             )
             .await
             .map_err(|e| anyhow::anyhow!("{}: {}", e.code, e.message))?;
+            println!("{}", serde_json::to_string(&done)?);
+        }
+        Command::Payments(PaymentsCommand::Reconcile { tenant, from, to }) => {
+            let key = control_api::crypto::ServerKey::from_env()
+                .unwrap_or_else(|_| control_api::crypto::ServerKey::ephemeral());
+            let settings = control_api::http::Settings::new(&cli.database_url, key);
+            let pool = control_api::http::pool(&cli.database_url)?;
+            let state = control_api::http::AppState::new(pool, settings);
+            let db = control_api::db::connect(&cli.database_url).await?;
+            let to = to.unwrap_or_else(chrono::Utc::now);
+            let from = from.unwrap_or(to - chrono::Duration::days(35));
+            let report =
+                control_api::reconcile::run(&db, &state.providers, tenant, from, to).await?;
+            println!("{}", serde_json::to_string_pretty(&report)?);
+            if !report.mismatches.is_empty() {
+                eprintln!("{} mismatches", report.mismatches.len());
+                std::process::exit(1);
+            }
+        }
+        Command::Notifications(NotificationsCommand::Evaluate) => {
+            let key = control_api::crypto::ServerKey::from_env()?;
+            let mut db = control_api::db::connect(&cli.database_url).await?;
+            let done = control_api::notify::evaluate(&mut db, &key, chrono::Utc::now()).await?;
             println!("{}", serde_json::to_string(&done)?);
         }
         Command::Secret => {

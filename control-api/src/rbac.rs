@@ -51,12 +51,14 @@ pub enum Perm {
     UsersRead,
     UsersWrite,
     AuditRead,
+    NotificationsRead,
+    NotificationsWrite,
     /// Cross-tenant administration (sys_admin only).
     TenantsAdmin,
 }
 
 impl Perm {
-    pub const ALL: [Perm; 13] = [
+    pub const ALL: [Perm; 15] = [
         Perm::MetersRead,
         Perm::MetersWrite,
         Perm::UsageRead,
@@ -69,6 +71,8 @@ impl Perm {
         Perm::UsersRead,
         Perm::UsersWrite,
         Perm::AuditRead,
+        Perm::NotificationsRead,
+        Perm::NotificationsWrite,
         Perm::TenantsAdmin,
     ];
 
@@ -86,6 +90,8 @@ impl Perm {
             Perm::UsersRead => "users:read",
             Perm::UsersWrite => "users:write",
             Perm::AuditRead => "audit:read",
+            Perm::NotificationsRead => "notifications:read",
+            Perm::NotificationsWrite => "notifications:write",
             Perm::TenantsAdmin => "tenants:admin",
         }
     }
@@ -106,7 +112,10 @@ pub enum Access {
 pub fn role_allows(role: Role, perm: Perm) -> bool {
     use Perm::*;
     match role {
-        Role::User => matches!(perm, MetersRead | UsageRead | CatalogRead | InvoicesRead),
+        Role::User => matches!(
+            perm,
+            MetersRead | UsageRead | CatalogRead | InvoicesRead | NotificationsRead
+        ),
         Role::OrgAdmin => perm != TenantsAdmin,
         Role::SysAdmin => true,
     }
@@ -118,11 +127,20 @@ pub fn role_allows(role: Role, perm: Perm) -> bool {
 pub fn scope_allows(scopes: &[String], perm: Perm) -> bool {
     use Perm::*;
     let has = |s: &str| scopes.iter().any(|x| x == s);
-    let read = matches!(perm, MetersRead | UsageRead | CatalogRead | InvoicesRead);
+    let read = matches!(
+        perm,
+        MetersRead | UsageRead | CatalogRead | InvoicesRead | NotificationsRead
+    );
     let admin = read
         || matches!(
             perm,
-            MetersWrite | CatalogWrite | InvoicesWrite | KeysRead | KeysWrite | AuditRead
+            MetersWrite
+                | CatalogWrite
+                | InvoicesWrite
+                | KeysRead
+                | KeysWrite
+                | AuditRead
+                | NotificationsWrite
         );
     (read && has("read")) || (admin && has("admin"))
 }

@@ -73,7 +73,8 @@ macro_rules! ep {
 /// Every endpoint of the control API.
 pub fn endpoints() -> Vec<Endpoint> {
     use crate::{
-        apikeys, audit, business, catalog, identity, meters, query, subscriptions, tenants, usage,
+        apikeys, audit, business, catalog, channels, credit_notes, identity, inbox, meters,
+        payments, query, stripe, subscriptions, tenants, usage,
     };
     use Access::{Public, SignedIn};
     use Perm::*;
@@ -205,6 +206,49 @@ pub fn endpoints() -> Vec<Endpoint> {
             "Record an issued invoice as paid"),
         ep!(GET "/api/v1/invoices/{id}/html", p(InvoicesRead), "invoices", 200, catalog::invoice_html,
             "The invoice as an HTML page"),
+        // Credit notes, payments, refunds.
+        ep!(POST "/api/v1/invoices/{id}/credit-notes", p(InvoicesWrite), "payments", 201, credit_notes::create,
+            "Credit an issued or paid invoice (per line, or `full`); numbered per tenant", credit_notes::NewCreditNote),
+        ep!(GET "/api/v1/invoices/{id}/credit-notes", p(InvoicesRead), "payments", 200, credit_notes::list,
+            "The invoice's credit notes, what they credit and what is still due"),
+        ep!(GET "/api/v1/credit-notes/{id}", p(InvoicesRead), "payments", 200, credit_notes::get_one,
+            "One credit note"),
+        ep!(POST "/api/v1/invoices/{id}/payments", p(InvoicesWrite), "payments", 201, payments::create,
+            "Charge an issued invoice through a provider (sandbox test cards, or Stripe)", payments::NewPayment),
+        ep!(GET "/api/v1/payments", p(InvoicesRead), "payments", 200, payments::list,
+            "Payments (filters: invoice, status; cursor pagination)"),
+        ep!(GET "/api/v1/payments/{id}", p(InvoicesRead), "payments", 200, payments::get_one,
+            "One payment with its refunds"),
+        ep!(POST "/api/v1/payments/{id}/refresh", p(InvoicesWrite), "payments", 200, payments::refresh,
+            "Ask the provider about a pending payment and apply its answer"),
+        ep!(POST "/api/v1/payments/{id}/refunds", p(InvoicesWrite), "payments", 201, payments::refund,
+            "Refund a succeeded payment, fully (default) or partly", payments::NewRefund),
+        ep!(POST "/api/v1/webhooks/stripe", Public, "payments", 200, stripe::webhook,
+            "Stripe's webhook events (verified by their Stripe-Signature; replays refused)"),
+        // Notifications.
+        ep!(GET "/api/v1/notification-channels", p(NotificationsRead), "notifications", 200, channels::list,
+            "Notification channels of the tenant"),
+        ep!(POST "/api/v1/notification-channels", p(NotificationsWrite), "notifications", 201, channels::create,
+            "Add a webhook, email or inbox channel (a webhook's signing secret is shown once)", channels::NewChannel),
+        ep!(DELETE "/api/v1/notification-channels/{id}", p(NotificationsWrite), "notifications", 204, channels::delete,
+            "Disable a channel"),
+        ep!(GET "/api/v1/notification-channels/{id}/deliveries", p(NotificationsRead), "notifications", 200,
+            channels::deliveries, "The channel's messages and every delivery attempt"),
+        ep!(GET "/api/v1/notification-templates", p(NotificationsRead), "notifications", 200, channels::list_templates,
+            "Templates of every notification kind"),
+        ep!(PUT "/api/v1/notification-templates/{kind}", p(NotificationsWrite), "notifications", 200,
+            channels::put_template, "Replace a kind's subject and body (`{{name}}` placeholders)", channels::TemplateBody),
+        ep!(GET "/api/v1/me/notifications", SignedIn, "me", 200, inbox::list,
+            "The inbox (filters: category, state = inbox|unread|read|archived|all; cursor pagination)"),
+        ep!(POST "/api/v1/me/notifications/read-all", SignedIn, "me", 200, inbox::read_all,
+            "Mark every inbox item read"),
+        ep!(POST "/api/v1/me/notifications/{id}/read", SignedIn, "me", 200, inbox::read, "Mark an item read"),
+        ep!(POST "/api/v1/me/notifications/{id}/unread", SignedIn, "me", 200, inbox::unread, "Mark an item unread"),
+        ep!(POST "/api/v1/me/notifications/{id}/archive", SignedIn, "me", 200, inbox::archive, "Archive an item"),
+        ep!(POST "/api/v1/me/notifications/{id}/unarchive", SignedIn, "me", 200, inbox::unarchive,
+            "Bring an item back from the archive"),
+        ep!(GET "/api/v1/me/notifications/stream", SignedIn, "me", 101, inbox::stream,
+            "WebSocket: each new inbox item as a JSON message"),
     ]
 }
 

@@ -488,6 +488,30 @@ pub async fn payment(
     Ok(Some(to))
 }
 
+/// [`payment`], except that a subscription the event does not apply to (canceled, expired,
+/// trialing) is left as it is: a payment is recorded whatever its subscription became.
+pub async fn payment_quietly(
+    tx: &Transaction<'_>,
+    tenant: Uuid,
+    sub: Uuid,
+    ok: bool,
+    invoice: Uuid,
+) -> Result<Option<Status>, ApiError> {
+    let status: String = tx
+        .query_one("SELECT status FROM subscriptions WHERE id = $1", &[&sub])
+        .await?
+        .get(0);
+    let event = if ok {
+        Event::PaymentSucceeded
+    } else {
+        Event::PaymentFailed
+    };
+    match Status::parse(&status) {
+        Some(s) if next(s, event).is_ok() => payment(tx, tenant, sub, ok, invoice).await,
+        _ => Ok(None),
+    }
+}
+
 /// What [`advance`] did.
 #[derive(Debug, Default, serde::Serialize)]
 pub struct Advanced {
@@ -637,6 +661,12 @@ pub async fn invoice_payment_failed(
             format!("a {status} invoice is not being collected"),
         ));
     }
+    let b = crate::credit_notes::balance(&*tx, inv).await?;
+    let currency: String = tx
+        .query_one("SELECT currency FROM invoices WHERE id = $1", &[&inv])
+        .await?
+        .get(0);
+    crate::payments::record_manual_failure(&tx, caller.tenant, inv, b.due(), &currency).await?;
     let to = payment(&tx, caller.tenant, row.get(0), false, inv).await?;
     tx.commit().await?;
     Ok(Json(json!({
