@@ -8,8 +8,8 @@
 //! | `billing_mrr` | tenant, plan, currency | monthly recurring revenue: the plan versions' recurring fees of those subscriptions |
 //! | `billing_arpu` | tenant, plan, currency | MRR ÷ live subscriptions of the plan |
 //! | `billing_invoices` | tenant, status | invoices by status (draft, issued, paid, void) |
-//! | `billing_payment_failures` | tenant | failed collection attempts recorded (domain events) |
-//! | `notifications` | kind, state | outbox messages: sent, failed (an error and not sent), pending |
+//! | `billing_payment_failures` | tenant | failed payments (provider declines and failed manual collections) |
+//! | `notifications` | kind, state | outbox messages: sent, failed (retrying), dead (gave up), pending |
 //!
 //! Amounts are decimals converted to floating point only here, for Prometheus; they are never
 //! used for billing. The endpoint is public like the ingest edge's `/metrics`: bind the control
@@ -45,14 +45,14 @@ pub async fn metrics(State(st): State<AppState>) -> Result<impl IntoResponse, Ap
         .await?;
     let failures = db
         .query(
-            "SELECT tenant_id, count(*) FROM subscription_events
-              WHERE event = 'payment_failed' GROUP BY 1",
+            "SELECT tenant_id, count(*) FROM payments WHERE status = 'failed' GROUP BY 1",
             &[],
         )
         .await?;
     let outbox = db
         .query(
             "SELECT kind, CASE WHEN sent_at IS NOT NULL THEN 'sent'
+                               WHEN dead_at IS NOT NULL THEN 'dead'
                                WHEN last_error IS NOT NULL THEN 'failed' ELSE 'pending' END,
                     count(*)
                FROM notification_outbox GROUP BY 1, 2",

@@ -993,8 +993,9 @@ pub async fn void_invoice(
         let db = st.pool.get().await?;
         let held: Decimal = db
             .query_one(
-                "SELECT coalesce(sum(amount - refunded), 0) FROM payments
-                  WHERE invoice_id = $1 AND tenant_id = $2 AND status IN ('pending', 'succeeded')",
+                "SELECT coalesce(sum(p.amount - p.refunded), 0) FROM payments p
+                   JOIN invoices i ON i.id = p.invoice_id AND i.status IN ('draft', 'issued')
+                  WHERE p.invoice_id = $1 AND p.tenant_id = $2 AND p.status IN ('pending', 'succeeded')",
                 &[&inv, &caller.tenant],
             )
             .await?

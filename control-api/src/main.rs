@@ -178,6 +178,18 @@ enum KeysCommand {
     },
 }
 
+/// Stripe's settings when STRIPE_SECRET_KEY and STRIPE_WEBHOOK_SECRET are set.
+fn stripe_from_env(api_base: String) -> Option<control_api::stripe::StripeSettings> {
+    let secret_key = std::env::var("STRIPE_SECRET_KEY").ok()?;
+    let webhook_secret = std::env::var("STRIPE_WEBHOOK_SECRET").ok()?;
+    Some(control_api::stripe::StripeSettings {
+        api_base,
+        secret_key,
+        webhook_secret,
+        tolerance: std::time::Duration::from_secs(300),
+    })
+}
+
 /// The lifecycle's clock: applies what time decides once a minute until shutdown.
 async fn advance_every_minute(url: String, shutdown: tokio_util::sync::CancellationToken) {
     let grace = std::time::Duration::from_secs(14 * 86_400);
@@ -225,17 +237,7 @@ async fn main() -> anyhow::Result<()> {
             settings.notify.smtp_url = smtp_url;
             settings.notify.mail_from = mail_from;
             settings.notify.public_url = public_url;
-            if let (Ok(secret_key), Ok(webhook_secret)) = (
-                std::env::var("STRIPE_SECRET_KEY"),
-                std::env::var("STRIPE_WEBHOOK_SECRET"),
-            ) {
-                settings.payments.stripe = Some(control_api::stripe::StripeSettings {
-                    api_base: stripe_api_base,
-                    secret_key,
-                    webhook_secret,
-                    tolerance: std::time::Duration::from_secs(300),
-                });
-            }
+            settings.payments.stripe = stripe_from_env(stripe_api_base);
             let running = control_api::http::start_with(listen, settings, shutdown.clone()).await?;
             eprintln!("control-api listening on {}", running.addr);
             tokio::spawn(advance_every_minute(
@@ -307,7 +309,11 @@ async fn main() -> anyhow::Result<()> {
         Command::Payments(PaymentsCommand::Reconcile { tenant, from, to }) => {
             let key = control_api::crypto::ServerKey::from_env()
                 .unwrap_or_else(|_| control_api::crypto::ServerKey::ephemeral());
-            let settings = control_api::http::Settings::new(&cli.database_url, key);
+            let mut settings = control_api::http::Settings::new(&cli.database_url, key);
+            settings.payments.stripe = stripe_from_env(
+                std::env::var("STRIPE_API_BASE")
+                    .unwrap_or_else(|_| "https://api.stripe.com".into()),
+            );
             let pool = control_api::http::pool(&cli.database_url)?;
             let state = control_api::http::AppState::new(pool, settings);
             let db = control_api::db::connect(&cli.database_url).await?;

@@ -134,6 +134,40 @@ impl Api {
         }
     }
 
+    /// Stops this server (its workers too) and starts another on the same database and key.
+    pub async fn restart(self, tune: impl FnOnce(&mut Settings)) -> Api {
+        let Api {
+            url,
+            db,
+            key,
+            a,
+            b,
+            _stop,
+            ..
+        } = self;
+        drop(_stop);
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        let mut settings = Settings::new(&url, key.clone());
+        tune(&mut settings);
+        let stop = CancellationToken::new();
+        let run = control_api::http::start_with(
+            "127.0.0.1:0".parse().expect("addr"),
+            settings,
+            stop.clone(),
+        )
+        .await
+        .expect("control-api");
+        Api {
+            addr: run.addr,
+            url,
+            db,
+            key,
+            a,
+            b,
+            _stop: stop.drop_guard(),
+        }
+    }
+
     pub async fn call(&self, method: &str, path: &str, auth: &str, body: Option<Value>) -> Resp {
         send(self.addr, method, path, auth, &[], body.as_ref()).await
     }
@@ -229,3 +263,6 @@ impl Api {
             .collect()
     }
 }
+
+pub mod billing;
+pub mod sinks;
