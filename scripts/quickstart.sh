@@ -5,7 +5,8 @@
 # edge (acknowledged only once Kafka holds it), counted exactly once by the aggregator into
 # PostgreSQL, read back with the meter query; plans with graduated and volume prices, customers
 # and subscriptions created through the API; the rater run for the current period, each
-# customer's draft invoice printed, and the reconcile check.
+# customer's draft invoice printed, and the reconcile check; last period's invoices issued, paid
+# through the sandbox payment provider and reconciled against its records.
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 # shellcheck source=scripts/env.sh
@@ -146,6 +147,23 @@ log "cost by model this period (usage lines split over the meters' model group-b
 "$RATER" costs --period "$PERIOD" --tenant "$TENANT" --by model --database-url "$DATABASE_URL"
 "$RATER" reconcile --period "$PERIOD" --tenant "$TENANT" --database-url "$DATABASE_URL" >/dev/null \
   || die "reconcile found differences: $RATER reconcile --period $PERIOD --tenant $TENANT"
+# Last period: rated, issued (gapless numbers), paid through the sandbox provider's test card,
+# and the payments reconciled against the provider's records.
+PREV=$(date -u -d "$(date -u +%Y-%m-01) -1 month" +%Y-%m)
+log "last period $PREV: rate, issue, pay with the sandbox card 4242 4242 4242 4242, reconcile"
+"$RATER" run --period "$PREV" --tenant "$TENANT" --database-url "$DATABASE_URL" >/dev/null
+"$RATER" issue --period "$PREV" --tenant "$TENANT" --database-url "$DATABASE_URL" >/dev/null
+for inv in $(curl -sf -H "Authorization: Bearer $KEY" "$API/invoices?period=$PREV&status=issued&limit=200"     | python3 -c 'import json,sys; [print(i["id"]) for i in json.load(sys.stdin)["items"] if float(i["total"]) > 0]'); do
+  create "invoices/$inv/payments" '{"card":"4242424242424242"}'
+done
+curl -sf -H "Authorization: Bearer $KEY" "$API/invoices?period=$PREV&limit=200" | python3 -c '
+import json, sys
+for i in json.load(sys.stdin)["items"]:
+    print("  invoice %-4s %-10s %10s %s  %s" % (i["number"], i["customer"], i["total"], i["currency"], i["status"]))'
+$CLI payments reconcile --tenant "$TENANT" >/dev/null \
+  || die "payments reconcile found mismatches: $CLI payments reconcile --tenant $TENANT"
+log "payments reconcile: provider records, payments and invoices agree"
+
 cat <<MSG
 
 The pipeline is up: $sent events acknowledged by ingest (only once Kafka stored them), then
