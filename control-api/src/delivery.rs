@@ -76,6 +76,7 @@ struct Claimed {
     payload: Vec<u8>,
     attempts: i32,
     secret: Option<Vec<u8>>,
+    created: chrono::DateTime<Utc>,
 }
 
 /// What one pass did.
@@ -107,7 +108,8 @@ pub async fn run_once(
                               ORDER BY next_attempt_at, id LIMIT $1 FOR UPDATE SKIP LOCKED)
              RETURNING o.id, o.tenant_id, o.user_id, o.kind, o.channel, o.recipient,
                        o.payload_sealed, o.attempts,
-                       (SELECT secret_sealed FROM notification_channels c WHERE c.id = o.channel_id)",
+                       (SELECT secret_sealed FROM notification_channels c WHERE c.id = o.channel_id),
+                       o.created_at",
             &[&limit, &lease, &d.smtp_url.is_some()],
         )
         .await?;
@@ -123,6 +125,7 @@ pub async fn run_once(
             payload: r.get(6),
             attempts: r.get(7),
             secret: r.get(8),
+            created: r.get(9),
         };
         let started = Instant::now();
         let result = deliver(db, d, http, &c).await;
@@ -216,7 +219,8 @@ async fn deliver(
             let doc = json!({
                 "id": msg_id,
                 "type": c.kind,
-                "timestamp": crate::catalog::ts(Utc::now()),
+                // When the event happened: the same in every retry of the message.
+                "timestamp": crate::catalog::ts(c.created),
                 "data": payload,
             });
             let raw = doc.to_string();

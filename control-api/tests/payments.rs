@@ -135,7 +135,7 @@ async fn declines_partial_payments_past_due_and_back() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn delayed_confirmation_settles_on_refresh() {
-    let fx = Fx::new(|s| s.payments.sandbox_confirm_delay = Duration::from_millis(1500)).await;
+    let fx = Fx::new(|s| s.payments.sandbox_confirm_delay = Duration::from_secs(3)).await;
     let inv = fx.issued("2026-02").await;
     let r = fx.pay(&inv, json!({"card": "4000000000000077"})).await;
     assert_eq!(r.status, 201, "{}", r.text);
@@ -161,7 +161,7 @@ async fn delayed_confirmation_settles_on_refresh() {
         "not settled yet: {}",
         r.text
     );
-    tokio::time::sleep(Duration::from_millis(1600)).await;
+    tokio::time::sleep(Duration::from_millis(3200)).await;
     let r = fx.call("POST", &refresh, None).await;
     assert_eq!(s(&r.json["status"]), "succeeded", "{}", r.text);
     assert_eq!(s(&r.json["invoiceStatus"]), "paid");
@@ -172,7 +172,7 @@ async fn delayed_confirmation_settles_on_refresh() {
     assert_eq!(s(&r.json["status"]), "pending");
     assert_eq!(r.json["failureCode"], Value::Null);
     let pid = s(&r.json["id"]).to_string();
-    tokio::time::sleep(Duration::from_millis(1600)).await;
+    tokio::time::sleep(Duration::from_millis(3200)).await;
     let r = fx
         .call("POST", &format!("/api/v1/payments/{pid}/refresh"), None)
         .await;

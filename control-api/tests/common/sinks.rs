@@ -112,12 +112,12 @@ pub struct Hit {
     pub body: String,
 }
 
-/// An HTTP receiver on 127.0.0.1: answers the statuses in `script` in turn (then 200).
+/// An HTTP receiver on 127.0.0.1: the k-th request carrying a given `webhook-id` is answered
+/// `script[k]` (200 past the end of the script), so every message meets the same failures.
 #[derive(Debug, Clone)]
 pub struct Receiver {
     pub port: u16,
     pub hits: Arc<Mutex<Vec<Hit>>>,
-    script: Arc<Mutex<Vec<u16>>>,
 }
 
 impl Receiver {
@@ -125,7 +125,7 @@ impl Receiver {
         let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let port = l.local_addr().expect("addr").port();
         let hits = Arc::new(Mutex::new(Vec::new()));
-        let script = Arc::new(Mutex::new(script.iter().rev().copied().collect::<Vec<_>>()));
+        let script: Arc<Vec<u16>> = Arc::new(script.to_vec());
         let (h, sc) = (hits.clone(), script.clone());
         tokio::spawn(async move {
             while let Ok((s, _)) = l.accept().await {
@@ -153,12 +153,20 @@ impl Receiver {
                         .unwrap_or(0);
                     let mut body = vec![0u8; n];
                     let _ = r.read_exact(&mut body).await;
-                    let status = sc.lock().expect("lock").pop().unwrap_or(200);
-                    h.lock().expect("lock").push(Hit {
-                        path,
-                        headers,
-                        body: String::from_utf8_lossy(&body).to_string(),
-                    });
+                    let status = {
+                        let mut all = h.lock().expect("lock");
+                        let id = headers.get("webhook-id").cloned().unwrap_or_default();
+                        let k = all
+                            .iter()
+                            .filter(|x: &&Hit| x.headers.get("webhook-id") == Some(&id))
+                            .count();
+                        all.push(Hit {
+                            path,
+                            headers,
+                            body: String::from_utf8_lossy(&body).to_string(),
+                        });
+                        sc.get(k).copied().unwrap_or(200)
+                    };
                     let resp = format!(
                         "HTTP/1.1 {status} X\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
                     );
@@ -166,7 +174,7 @@ impl Receiver {
                 });
             }
         });
-        Receiver { port, hits, script }
+        Receiver { port, hits }
     }
 
     pub fn url(&self, path: &str) -> String {
