@@ -78,6 +78,14 @@ pub async fn create(
                     "must be an http or https URL with a host",
                 ));
             }
+            if !st.settings.notify.allow_private_webhooks
+                && crate::delivery::names_private_host(&parsed)
+            {
+                return Err(ApiError::invalid(
+                    "url",
+                    "must name a public host (not localhost, a loopback or a private address)",
+                ));
+            }
             if url.len() > 2048 {
                 return Err(ApiError::invalid("url", "must be at most 2048 characters"));
             }

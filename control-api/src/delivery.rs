@@ -31,6 +31,72 @@ use sha2::Sha256;
 use std::time::{Duration, Instant};
 use uuid::Uuid;
 
+/// Whether `ip` is an address on the public internet: not loopback, private, link-local (cloud
+/// metadata endpoints live there), carrier-grade NAT, unique-local, multicast or unspecified.
+pub fn is_public(ip: std::net::IpAddr) -> bool {
+    use std::net::IpAddr;
+    match ip {
+        IpAddr::V4(v4) => {
+            let [a, b, ..] = v4.octets();
+            !(v4.is_loopback()
+                || v4.is_private()
+                || v4.is_link_local()
+                || v4.is_unspecified()
+                || v4.is_broadcast()
+                || v4.is_multicast()
+                || v4.is_documentation()
+                || a == 0
+                || (a == 100 && (64..128).contains(&b)))
+        }
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => is_public(IpAddr::V4(v4)),
+            None => {
+                let first = v6.segments()[0];
+                !(v6.is_loopback()
+                    || v6.is_unspecified()
+                    || v6.is_multicast()
+                    || (first & 0xfe00) == 0xfc00
+                    || (first & 0xffc0) == 0xfe80)
+            }
+        },
+    }
+}
+
+/// Whether a webhook URL names a host that is not public (an IP literal outside the public
+/// internet, or `localhost`). Names are checked again when they are resolved ([`PublicOnly`]).
+pub fn names_private_host(url: &reqwest::Url) -> bool {
+    match url.host() {
+        Some(url::Host::Ipv4(ip)) => !is_public(ip.into()),
+        Some(url::Host::Ipv6(ip)) => !is_public(ip.into()),
+        Some(url::Host::Domain(d)) => {
+            let d = d.trim_end_matches('.').to_ascii_lowercase();
+            d == "localhost" || d.ends_with(".localhost")
+        }
+        None => true,
+    }
+}
+
+/// A resolver that only answers public addresses, so a webhook cannot be pointed at the
+/// internal network through DNS.
+#[derive(Debug, Clone, Copy)]
+pub struct PublicOnly;
+
+impl reqwest::dns::Resolve for PublicOnly {
+    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
+        let host = name.as_str().to_string();
+        Box::pin(async move {
+            let addrs: Vec<std::net::SocketAddr> = tokio::net::lookup_host((host.as_str(), 0))
+                .await?
+                .filter(|a| is_public(a.ip()))
+                .collect();
+            if addrs.is_empty() {
+                return Err(format!("{host} resolves to no public address").into());
+            }
+            Ok(Box::new(addrs.into_iter()) as reqwest::dns::Addrs)
+        })
+    }
+}
+
 /// Delivery settings.
 #[derive(Debug, Clone)]
 pub struct Delivery {
@@ -42,6 +108,8 @@ pub struct Delivery {
     pub backoff_base: Duration,
     pub backoff_max: Duration,
     pub timeout: Duration,
+    /// Allow webhooks to loopback and private addresses (tests, closed networks).
+    pub allow_private_targets: bool,
 }
 
 /// The signature header value for a webhook.
@@ -214,6 +282,10 @@ async fn deliver(
                 .open(sealed)
                 .and_then(|s| String::from_utf8(s).ok())
                 .ok_or((None, "the channel secret does not open".to_string()))?;
+            let url = reqwest::Url::parse(&c.recipient).map_err(|e| (None, format!("url: {e}")))?;
+            if !d.allow_private_targets && names_private_host(&url) {
+                return Err((None, "the webhook URL names a private address".to_string()));
+            }
             let msg_id = format!("msg_{}", c.id);
             let now = Utc::now().timestamp();
             let doc = json!({
@@ -225,7 +297,7 @@ async fn deliver(
             });
             let raw = doc.to_string();
             let resp = http
-                .post(&c.recipient)
+                .post(url)
                 .timeout(d.timeout)
                 .header("content-type", "application/json")
                 .header("webhook-id", &msg_id)
@@ -335,7 +407,36 @@ mod tests {
             backoff_base: Duration::from_secs(2),
             backoff_max: Duration::from_secs(60),
             timeout: Duration::from_secs(1),
+            allow_private_targets: false,
         }
+    }
+
+    #[test]
+    fn private_addresses_are_not_public() {
+        for ip in [
+            "127.0.0.1",
+            "10.1.2.3",
+            "172.16.0.1",
+            "192.168.1.1",
+            "169.254.169.254",
+            "0.0.0.0",
+            "100.64.0.1",
+            "::1",
+            "fd00::1",
+            "fe80::1",
+            "::ffff:10.0.0.1",
+            "255.255.255.255",
+        ] {
+            assert!(!is_public(ip.parse().expect("ip")), "{ip}");
+        }
+        for ip in ["1.1.1.1", "93.184.216.34", "2606:4700::1111", "100.128.0.1"] {
+            assert!(is_public(ip.parse().expect("ip")), "{ip}");
+        }
+        let u = |s: &str| reqwest::Url::parse(s).expect("url");
+        assert!(names_private_host(&u("http://localhost:8080/x")));
+        assert!(names_private_host(&u("http://[::1]/x")));
+        assert!(names_private_host(&u("https://10.0.0.7/hook")));
+        assert!(!names_private_host(&u("https://hooks.example.com/x")));
     }
 
     #[test]

@@ -73,6 +73,9 @@ pub struct NotifySettings {
     pub evaluate_every: Duration,
     /// How often pending payments are asked about.
     pub refresh_payments_every: Duration,
+    /// Allow webhook channels to loopback and private addresses (default off: a webhook URL
+    /// must name, and resolve to, a public address).
+    pub allow_private_webhooks: bool,
 }
 
 impl NotifySettings {
@@ -86,6 +89,7 @@ impl NotifySettings {
             backoff_base: self.backoff_base,
             backoff_max: self.backoff_max,
             timeout: self.timeout,
+            allow_private_targets: self.allow_private_webhooks,
         }
     }
 }
@@ -122,6 +126,7 @@ impl Settings {
                 deliver_every: Duration::from_secs(1),
                 evaluate_every: Duration::from_secs(30),
                 refresh_payments_every: Duration::from_secs(10),
+                allow_private_webhooks: false,
             },
         }
     }

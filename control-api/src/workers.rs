@@ -13,11 +13,13 @@ pub fn spawn(st: AppState, stop: CancellationToken) {
     let n = st.settings.notify.clone();
     let url = st.settings.database_url.clone();
     let delivery = n.delivery(&st.settings.key);
-    let http = reqwest::Client::builder()
+    let mut builder = reqwest::Client::builder()
         .timeout(n.timeout)
-        .redirect(reqwest::redirect::Policy::none())
-        .build()
-        .unwrap_or_default();
+        .redirect(reqwest::redirect::Policy::none());
+    if !n.allow_private_webhooks {
+        builder = builder.dns_resolver(std::sync::Arc::new(crate::delivery::PublicOnly));
+    }
+    let http = builder.build().unwrap_or_default();
     {
         let url = url.clone();
         let stop = stop.clone();

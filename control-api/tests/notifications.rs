@@ -30,6 +30,8 @@ fn tune(smtp: String) -> impl Fn(&mut Settings) + Clone {
         s.notify.backoff_max = Duration::from_secs(2);
         s.notify.max_attempts = 3;
         s.notify.timeout = Duration::from_secs(5);
+        // The receivers of these tests are on 127.0.0.1.
+        s.notify.allow_private_webhooks = true;
     }
 }
 
@@ -459,4 +461,38 @@ async fn thresholds_fire_once_per_period_and_channel_across_restarts() {
         mail.data
     );
     assert!(mail.data.contains("Confirm your email address"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhooks_to_internal_addresses_are_refused_by_default() {
+    let fx = Fx::new(|_| {}).await;
+    for url in [
+        "http://127.0.0.1:9/x",
+        "http://localhost/x",
+        "http://10.0.0.1/x",
+        "http://169.254.169.254/latest/meta-data",
+        "http://[::1]/x",
+    ] {
+        let r = fx
+            .call(
+                "POST",
+                "/api/v1/notification-channels",
+                Some(json!({"kind": "webhook", "url": url})),
+            )
+            .await;
+        assert_eq!(
+            (r.status, r.json["field"].as_str()),
+            (400, Some("url")),
+            "{url}: {}",
+            r.text
+        );
+    }
+    let r = fx
+        .call(
+            "POST",
+            "/api/v1/notification-channels",
+            Some(json!({"kind": "webhook", "url": "https://hooks.example.com/metering"})),
+        )
+        .await;
+    assert_eq!(r.status, 201, "{}", r.text);
 }
