@@ -58,12 +58,15 @@ pub async fn run(client: &mut Client) -> Result<Vec<Applied>, MigrateError> {
 
 /// Every migration this build knows, in order.
 pub fn known() -> Vec<Applied> {
-    embedded::migrations::runner()
+    // Embedded in file-name order (V10 before V2); by version here.
+    let mut all: Vec<Applied> = embedded::migrations::runner()
         .get_migrations()
         .iter()
         .map(|m| Applied {
             version: m.version(),
             name: m.name().to_string(),
         })
-        .collect()
+        .collect();
+    all.sort_by_key(|m| m.version);
+    all
 }
