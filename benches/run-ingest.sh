@@ -42,7 +42,7 @@ wait_port() { for _ in $(seq 1 100); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev
 # run NAME PORT BODY CONTENT_TYPE EVENTS_PER_REQUEST [CONNECTIONS] -> "req/s events/s p50 p99 bad"
 run() {
   local name=$1 port=$2 body=$3 ct=$4 per=$5 conns=${6:-$CONNS} out
-  out=$(WRK_BODY_FILE="$body" WRK_CONTENT_TYPE="$ct" WRK_KEY="$KEY" \
+  out=$(WRK_BODY_FILE="$body" WRK_CONTENT_TYPE="$ct" WRK_KEY="$KEY" WRK_SUBJECTS="${SUBJECTS:-1}" \
     wrk -t2 -c"$conns" -d"${DUR}s" --latency -s "$ROOT/loadtest/post.lua" "http://127.0.0.1:$port/api/v1/events" | grep '^RESULT')
   python3 - "$name" "$per" "$out" <<'PY'
 import sys
@@ -72,8 +72,10 @@ tansu topic create "$TOPIC" --broker "tcp://127.0.0.1:$BROKER_PORT" --partitions
 "$BIN/bare-hyper" $BARE_PORT & wait_port $BARE_PORT
 results=()
 results+=("$(run 'bare hyper, 1 event/request' $BARE_PORT "$WORK/single.json" application/cloudevents+json 1)")
+results+=("$(SUBJECTS=64 run 'bare hyper, 1 event/request, 64 subjects' $BARE_PORT "$WORK/single.json" application/cloudevents+json 1)")
 start_ingest partition
 results+=("$(run 'ingest, 1 event/request' $INGEST_BENCH_PORT "$WORK/single.json" application/cloudevents+json 1)")
+results+=("$(SUBJECTS=64 run 'ingest, 1 event/request, 64 subjects' $INGEST_BENCH_PORT "$WORK/single.json" application/cloudevents+json 1)")
 results+=("$(run 'ingest, 1 event/request, 256 connections' $INGEST_BENCH_PORT "$WORK/single.json" application/cloudevents+json 1 256)")
 results+=("$(run 'ingest, 100 events/request' $INGEST_BENCH_PORT "$WORK/batch100.json" application/cloudevents-batch+json 100)")
 results+=("$(run 'ingest, 1000 events/request' $INGEST_BENCH_PORT "$WORK/batch1000.json" application/cloudevents-batch+json 1000)")

@@ -688,8 +688,8 @@ pub async fn rate_tenant(
     Ok(out)
 }
 
-/// Writes rated invoices as drafts in one transaction, in bulk (UNNEST arrays, a chunk of
-/// invoices per statement); returns (written, unchanged, frozen).
+/// Writes rated invoices as drafts in one transaction, in bulk (a chunk of invoices at a time:
+/// UNNEST arrays for changed drafts, binary COPY for new ones and for lines); returns (written, unchanged, frozen).
 pub async fn write(
     db: &mut tokio_postgres::Client,
     rated: &[Rated],
@@ -745,36 +745,13 @@ pub async fn write(
         }
         let mut targets: Vec<(Uuid, &Rated)> = changed;
         if !fresh.is_empty() {
-            let col = |f: fn(&Rated) -> Decimal| fresh.iter().map(|r| f(r)).collect::<Vec<_>>();
-            let tenants: Vec<Uuid> = fresh.iter().map(|r| r.tenant).collect();
-            let customers: Vec<Uuid> = fresh.iter().map(|r| r.customer).collect();
-            let subs: Vec<Uuid> = fresh.iter().map(|r| r.subscription).collect();
-            let periods: Vec<&str> = fresh.iter().map(|r| r.period.as_str()).collect();
-            let starts: Vec<DateTime<Utc>> = fresh.iter().map(|r| r.period_start).collect();
-            let ends: Vec<DateTime<Utc>> = fresh.iter().map(|r| r.period_end).collect();
-            let curs: Vec<&str> = fresh.iter().map(|r| r.currency.as_str()).collect();
-            let shas: Vec<&[u8]> = fresh.iter().map(|r| r.sha256.as_slice()).collect();
-            let rows = tx
-                .query(
-                    "INSERT INTO invoices (tenant_id, customer_id, subscription_id, period, period_start,
-                            period_end, currency, subtotal, discount, tax, total, content_sha256)
-                     SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::text[], $5::timestamptz[],
-                            $6::timestamptz[], $7::text[], $8::numeric[], $9::numeric[], $10::numeric[],
-                            $11::numeric[], $12::bytea[])
-                     RETURNING subscription_id, id",
-                    &[
-                        &tenants, &customers, &subs, &periods, &starts, &ends, &curs,
-                        &col(|r| r.subtotal), &col(|r| r.discount), &col(|r| r.tax), &col(|r| r.total), &shas,
-                    ],
-                )
-                .await?;
-            let ids: HashMap<Uuid, Uuid> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
-            for r in fresh {
-                let id = *ids
-                    .get(&r.subscription)
-                    .context("an inserted invoice did not come back")?;
-                targets.push((id, r));
-            }
+            // Ids made here (time-ordered v7, so the primary key index grows at its end) let the
+            // rows go in by binary COPY, several times faster than INSERT … RETURNING.
+            let base = targets.len();
+            targets.extend(fresh.into_iter().map(|r| (Uuid::now_v7(), r)));
+            let t0 = Instant::now();
+            copy_invoices(&tx, &targets[base..]).await?;
+            tracing::debug!(seconds = t0.elapsed().as_secs_f64(), "invoices copied");
         }
         written += targets.len();
         let t0 = Instant::now();
@@ -783,6 +760,60 @@ pub async fn write(
     }
     tx.commit().await?;
     Ok((written, unchanged, frozen))
+}
+
+/// New draft invoices, with the ids given, by binary COPY.
+async fn copy_invoices(
+    tx: &tokio_postgres::Transaction<'_>,
+    targets: &[(Uuid, &Rated)],
+) -> anyhow::Result<()> {
+    use tokio_postgres::binary_copy::BinaryCopyInWriter;
+    use tokio_postgres::types::{ToSql, Type};
+    let sink = tx
+        .copy_in(
+            "COPY invoices (id, tenant_id, customer_id, subscription_id, period, period_start,
+                    period_end, currency, subtotal, discount, tax, total, content_sha256)
+               FROM STDIN (FORMAT binary)",
+        )
+        .await?;
+    let types = [
+        Type::UUID,
+        Type::UUID,
+        Type::UUID,
+        Type::UUID,
+        Type::TEXT,
+        Type::TIMESTAMPTZ,
+        Type::TIMESTAMPTZ,
+        Type::TEXT,
+        Type::NUMERIC,
+        Type::NUMERIC,
+        Type::NUMERIC,
+        Type::NUMERIC,
+        Type::BYTEA,
+    ];
+    let writer = BinaryCopyInWriter::new(sink, &types);
+    futures_util::pin_mut!(writer);
+    for (id, r) in targets {
+        let sha = r.sha256.as_slice();
+        let row: [&(dyn ToSql + Sync); 13] = [
+            id,
+            &r.tenant,
+            &r.customer,
+            &r.subscription,
+            &r.period,
+            &r.period_start,
+            &r.period_end,
+            &r.currency,
+            &r.subtotal,
+            &r.discount,
+            &r.tax,
+            &r.total,
+            &sha,
+        ];
+        writer.as_mut().write(&row).await?;
+    }
+    writer.finish().await?;
+    Ok(())
 }
 
 /// Lines by binary COPY (several times faster than INSERT for the 100 k-invoice case).

@@ -11,22 +11,35 @@
 //!
 //! Quantities are exact decimals: Arrow `Decimal128(38, 16)` on the way through DataFusion
 //! (a stored value with more than 16 decimal places is refused, never rounded).
+//!
+//! The query runs while the rows are read: each reading connection feeds one partition of a
+//! streaming DataFusion table, so PostgreSQL's side of the read overlaps the join and the
+//! aggregation. Subjects and meters travel as small integer ids (joins and groups on integers,
+//! not strings); rows of subjects that no span bills are dropped as they are read.
 
 use anyhow::{bail, Context};
 use arrow::array::{
     Array, ArrayRef, Decimal128Array, Decimal128Builder, Int64Array, Int64Builder, StringArray,
-    StringBuilder, UInt32Array,
+    StringBuilder, UInt32Array, UInt32Builder,
 };
+use arrow::datatypes::SchemaRef;
 use arrow::datatypes::{DataType, Field, Schema};
 use arrow::record_batch::RecordBatch;
 use chrono::{DateTime, Utc};
+use datafusion::catalog::streaming::StreamingTable;
 use datafusion::datasource::MemTable;
+use datafusion::error::{DataFusionError, Result as DfResult};
+use datafusion::execution::TaskContext;
+use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
+use datafusion::physical_plan::streaming::PartitionStream;
+use datafusion::physical_plan::SendableRecordBatchStream;
 use datafusion::prelude::SessionContext;
 use futures_util::StreamExt;
 use rust_decimal::Decimal;
 use schemas::meter::Aggregation;
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
+use tokio::sync::mpsc;
 use uuid::Uuid;
 
 use crate::period::ceil_minute;
@@ -159,8 +172,8 @@ fn edges(spans: &[SpanSubject]) -> (Vec<DateTime<Utc>>, Vec<DateTime<Utc>>) {
 }
 
 struct Builders {
-    subject: StringBuilder,
-    meter: StringBuilder,
+    subject: UInt32Builder,
+    meter: UInt32Builder,
     group: StringBuilder,
     ws: Int64Builder,
     grain: Int64Builder,
@@ -183,8 +196,8 @@ fn dec_builder() -> Decimal128Builder {
 impl Builders {
     fn new() -> Self {
         Builders {
-            subject: StringBuilder::new(),
-            meter: StringBuilder::new(),
+            subject: UInt32Builder::new(),
+            meter: UInt32Builder::new(),
             group: StringBuilder::new(),
             ws: Int64Builder::new(),
             grain: Int64Builder::new(),
@@ -207,9 +220,25 @@ impl Builders {
         Ok(())
     }
 
-    fn push(&mut self, r: &tokio_postgres::Row, grain: i64, unique: bool) -> anyhow::Result<()> {
-        self.subject.append_value(r.get::<_, &str>(0));
-        self.meter.append_value(r.get::<_, Uuid>(1).to_string());
+    /// Appends a row; a row of a subject no span bills is skipped (it would join nothing).
+    fn push(
+        &mut self,
+        r: &tokio_postgres::Row,
+        ids: &Ids<'_>,
+        grain: i64,
+        unique: bool,
+    ) -> anyhow::Result<()> {
+        let Some(&subject) = ids.subjects.get(r.get::<_, &str>(0)) else {
+            return Ok(());
+        };
+        let meter = r.get::<_, Uuid>(1);
+        let meter = ids
+            .meters
+            .iter()
+            .position(|m| *m == meter)
+            .context("a row of a meter that was not asked for")? as u32;
+        self.subject.append_value(subject);
+        self.meter.append_value(meter);
         self.ws
             .append_value(r.get::<_, DateTime<Utc>>(2).timestamp());
         self.group.append_value(r.get::<_, &str>(3));
@@ -265,8 +294,8 @@ impl Builders {
 fn usage_schema(unique: bool) -> Arc<Schema> {
     let dec = DataType::Decimal128(38, SCALE);
     let mut f = vec![
-        Field::new("subject", DataType::Utf8, false),
-        Field::new("meter", DataType::Utf8, false),
+        Field::new("subject", DataType::UInt32, false),
+        Field::new("meter", DataType::UInt32, false),
         Field::new("grp", DataType::Utf8, false),
         Field::new("ws", DataType::Int64, false),
         Field::new("grain", DataType::Int64, false),
@@ -296,14 +325,17 @@ struct Reach<'a> {
     edge_hours: &'a [DateTime<Utc>],
 }
 
+/// Reads rows into Arrow batches and sends each full batch to `feed` (the query reads them as
+/// they come); returns the rows read.
 async fn load(
     db: &tokio_postgres::Client,
+    ids: &Ids<'_>,
     reach: Reach<'_>,
     meters: &[Uuid],
     unique: bool,
     need: Need,
-    stats: &mut LoadStats,
-) -> anyhow::Result<Vec<RecordBatch>> {
+    feed: mpsc::Sender<DfResult<RecordBatch>>,
+) -> anyhow::Result<u64> {
     let Reach {
         tenant,
         subjects,
@@ -333,8 +365,16 @@ async fn load(
         "''::text"
     };
     let subjects: Option<Vec<String>> = subjects.map(<[String]>::to_vec);
-    let mut out = Vec::new();
+    let mut read = 0u64;
     let mut b = Builders::new();
+    let send = |batch: RecordBatch| {
+        let feed = feed.clone();
+        async move {
+            feed.send(Ok(batch))
+                .await
+                .map_err(|_| anyhow::anyhow!("the usage query stopped reading"))
+        }
+    };
     let base =
         format!("SELECT u.subject, u.meter_id, u.window_start, {group}, {cols} FROM {table}_");
     let filter =
@@ -379,30 +419,106 @@ async fn load(
         futures_util::pin_mut!(rows);
         while let Some(r) = rows.next().await {
             let r = r.with_context(|| format!("reading {table} rows at grain {grain}s"))?;
-            b.push(&r, grain, unique)?;
-            stats.rows += 1;
+            b.push(&r, ids, grain, unique)?;
+            read += 1;
             if b.len == BATCH {
-                out.push(b.finish(&schema, unique)?);
+                send(b.finish(&schema, unique)?).await?;
             }
         }
     }
-    if b.len > 0 || out.is_empty() {
-        out.push(b.finish(&schema, unique)?);
+    if b.len > 0 {
+        send(b.finish(&schema, unique)?).await?;
     }
+    Ok(read)
+}
+
+/// One partition of a DataFusion table, fed batch by batch by a loader while the query runs.
+#[derive(Debug)]
+struct Feed {
+    schema: SchemaRef,
+    rx: std::sync::Mutex<Option<mpsc::Receiver<DfResult<RecordBatch>>>>,
+}
+
+impl PartitionStream for Feed {
+    fn schema(&self) -> &SchemaRef {
+        &self.schema
+    }
+
+    fn execute(&self, _ctx: Arc<TaskContext>) -> SendableRecordBatchStream {
+        let rx = self.rx.lock().map(|mut rx| rx.take()).unwrap_or(None);
+        // A partition is read once; a second reader would see nothing, so it gets an error
+        // rather than an empty (wrong) answer.
+        let first = match rx {
+            Some(rx) => Ok(rx),
+            None => Err(DataFusionError::Internal(
+                "a usage partition was read twice".into(),
+            )),
+        };
+        let stream = futures_util::stream::unfold(Some(first), |state| async move {
+            match state? {
+                Ok(mut rx) => rx.recv().await.map(|b| (b, Some(Ok(rx)))),
+                Err(e) => Some((Err(e), None)),
+            }
+        });
+        Box::pin(RecordBatchStreamAdapter::new(self.schema.clone(), stream))
+    }
+}
+
+/// Runs `sql` over table `name` while the rows are still being read: each (connection, meters)
+/// share feeds one partition of the table, and DataFusion joins and aggregates every batch as
+/// it arrives (on 2 cores, PostgreSQL's side of the read and the query overlap instead of
+/// running one after the other). The query's answer counts only if every load finished.
+#[allow(clippy::too_many_arguments)]
+async fn load_and_query(
+    ctx: &SessionContext,
+    name: &str,
+    sql: &str,
+    shares: &[(&tokio_postgres::Client, Vec<Uuid>)],
+    ids: &Ids<'_>,
+    reach: Reach<'_>,
+    unique: bool,
+    need: Need,
+    stats: &mut LoadStats,
+) -> anyhow::Result<Vec<RecordBatch>> {
+    let t0 = std::time::Instant::now();
+    let schema = usage_schema(unique);
+    let mut feeds: Vec<Arc<dyn PartitionStream>> = Vec::new();
+    let mut loads = Vec::new();
+    for (db, meters) in shares {
+        let (tx, rx) = mpsc::channel(4);
+        feeds.push(Arc::new(Feed {
+            schema: schema.clone(),
+            rx: std::sync::Mutex::new(Some(rx)),
+        }));
+        loads.push(async move {
+            let rows = load(db, ids, reach, meters, unique, need, tx).await?;
+            anyhow::Ok((rows, t0.elapsed()))
+        });
+    }
+    ctx.register_table(name, Arc::new(StreamingTable::try_new(schema, feeds)?))?;
+    let df = ctx.sql(sql).await?;
+    let query = async { df.collect().await.map_err(anyhow::Error::from) };
+    let (loaded, out) =
+        futures_util::future::try_join(futures_util::future::try_join_all(loads), query).await?;
+    ctx.deregister_table(name)?;
+    let load_time = loaded.iter().map(|l| l.1).max().unwrap_or_default();
+    stats.rows += loaded.iter().map(|l| l.0).sum::<u64>();
+    stats.load += load_time;
+    stats.query += t0.elapsed().saturating_sub(load_time);
     Ok(out)
 }
 
-fn spans_batch(spans: &[SpanSubject]) -> anyhow::Result<RecordBatch> {
+fn spans_batch(spans: &[SpanSubject], ids: &Ids<'_>) -> anyhow::Result<RecordBatch> {
     let schema = Arc::new(Schema::new(vec![
         Field::new("span", DataType::UInt32, false),
-        Field::new("subject", DataType::Utf8, false),
+        Field::new("subject", DataType::UInt32, false),
         Field::new("f", DataType::Int64, false),
         Field::new("t", DataType::Int64, false),
     ]));
     let cols: Vec<ArrayRef> = vec![
         Arc::new(UInt32Array::from_iter_values(spans.iter().map(|s| s.span))),
-        Arc::new(StringArray::from_iter_values(
-            spans.iter().map(|s| s.subject.as_str()),
+        Arc::new(UInt32Array::from_iter_values(
+            spans.iter().map(|s| ids.subjects[s.subject.as_str()]),
         )),
         Arc::new(Int64Array::from_iter_values(
             spans.iter().map(|s| secs(ceil_minute(s.from))),
@@ -423,19 +539,6 @@ const INSIDE: &str = "
     OR (u.grain = 60 AND u.ws >= s.f AND u.ws < s.t
         AND NOT (u.ws - (u.ws % 3600) >= s.f AND u.ws - (u.ws % 3600) + 3600 <= s.t))";
 
-/// Batches dealt round-robin into one partition per core, so DataFusion scans, joins and
-/// pre-aggregates them in parallel.
-fn partitions(batches: Vec<RecordBatch>) -> Vec<Vec<RecordBatch>> {
-    let n = std::thread::available_parallelism()
-        .map_or(1, |n| n.get())
-        .min(batches.len().max(1));
-    let mut parts = vec![Vec::new(); n];
-    for (i, b) in batches.into_iter().enumerate() {
-        parts[i % n].push(b);
-    }
-    parts
-}
-
 fn dec_at(a: &Decimal128Array, i: usize) -> anyhow::Result<Option<Decimal>> {
     if a.is_null(i) {
         return Ok(None);
@@ -450,19 +553,29 @@ fn col<'a, T: 'static>(b: &'a RecordBatch, name: &str) -> anyhow::Result<&'a T> 
 }
 
 /// The (span, meter, group) key of every row of an aggregation result.
-fn result_keys(b: &RecordBatch, by_group: bool) -> anyhow::Result<Vec<AggKey>> {
+fn result_keys(b: &RecordBatch, ids: &Ids<'_>, by_group: bool) -> anyhow::Result<Vec<AggKey>> {
     let span = col::<UInt32Array>(b, "span")?;
-    let meter = col::<StringArray>(b, "meter")?;
+    let meter = col::<UInt32Array>(b, "meter")?;
     let grp = col::<StringArray>(b, "grp")?;
     (0..b.num_rows())
         .map(|i| {
             Ok((
                 span.value(i),
-                Uuid::parse_str(meter.value(i))?,
+                *ids.meters
+                    .get(meter.value(i) as usize)
+                    .context("a result row names an unknown meter")?,
                 by_group.then(|| grp.value(i).to_string()),
             ))
         })
         .collect()
+}
+
+/// Small integer ids that stand for subjects and meters inside Arrow and DataFusion: joins and
+/// groups on integers instead of strings (the rows' subjects are mapped once, at load).
+struct Ids<'a> {
+    subjects: HashMap<&'a str, u32>,
+    /// Meter id `i` is `meters[i]`.
+    meters: Vec<Uuid>,
 }
 
 /// Aggregates the usage of `meters` (id, aggregation) over `spans` for one tenant; with
@@ -506,8 +619,18 @@ pub async fn aggregate(
         edge_days: &edge_days,
         edge_hours: &edge_hours,
     };
+    let mut subject_ids: HashMap<&str, u32> = HashMap::with_capacity(distinct.len());
+    for s in &distinct {
+        let next = subject_ids.len() as u32;
+        subject_ids.insert(s, next);
+    }
+    let ids = Ids {
+        subjects: subject_ids,
+        meters: meters.iter().map(|(m, _)| *m).collect(),
+    };
+    let ids = &ids;
     let ctx = SessionContext::new();
-    let sb = spans_batch(spans)?;
+    let sb = spans_batch(spans, ids)?;
     ctx.register_table(
         "spans",
         Arc::new(MemTable::try_new(sb.schema(), vec![vec![sb]])?),
@@ -520,7 +643,6 @@ pub async fn aggregate(
     };
 
     if !plain.is_empty() {
-        let t0 = std::time::Instant::now();
         let need = Need {
             extremes: meters.iter().any(|(_, a)| {
                 matches!(a, Aggregation::Min | Aggregation::Max | Aggregation::Latest)
@@ -529,39 +651,25 @@ pub async fn aggregate(
         };
         let conns: Vec<&tokio_postgres::Client> = std::iter::once(db).chain(extra).collect();
         let n = conns.len().min(plain.len());
-        let mut shares: Vec<Vec<Uuid>> = vec![Vec::new(); n];
+        let mut shares: Vec<(&tokio_postgres::Client, Vec<Uuid>)> =
+            conns[..n].iter().map(|c| (*c, Vec::new())).collect();
         for (i, m) in plain.iter().enumerate() {
-            shares[i % n].push(*m);
+            shares[i % n].1.push(*m);
         }
-        let loads = conns.iter().zip(&shares).map(|(c, share)| async move {
-            let mut st = LoadStats::default();
-            let b = load(c, reach, share, false, need, &mut st).await?;
-            anyhow::Ok((b, st))
-        });
-        let mut batches = Vec::new();
-        for (b, st) in futures_util::future::try_join_all(loads).await? {
-            batches.extend(b);
-            stats.rows += st.rows;
-        }
-        stats.load += t0.elapsed();
-        let t0 = std::time::Instant::now();
-        ctx.register_table(
-            "usage",
-            Arc::new(MemTable::try_new(usage_schema(false), partitions(batches))?),
-        )?;
-        let df = ctx
-            .sql(&format!(
-                "SELECT s.span AS span, u.meter AS meter{group_sel},
-                        sum(u.sum_value) AS sum_value, sum(u.event_count) AS event_count,
-                        min(u.min_value) AS min_value, max(u.max_value) AS max_value,
-                        last_value(u.latest_value ORDER BY u.latest_t) AS latest_value
-                   FROM usage u JOIN spans s ON u.subject = s.subject
-                  WHERE {INSIDE}
-                  GROUP BY s.span, u.meter{group}"
-            ))
-            .await?;
-        for b in df.collect().await? {
-            let keys = result_keys(&b, by_group)?;
+        // Spans first: the small side is the join's build side, the usage rows stream past it.
+        let sql = format!(
+            "SELECT s.span AS span, u.meter AS meter{group_sel},
+                    sum(u.sum_value) AS sum_value, sum(u.event_count) AS event_count,
+                    min(u.min_value) AS min_value, max(u.max_value) AS max_value,
+                    last_value(u.latest_value ORDER BY u.latest_t) AS latest_value
+               FROM spans s JOIN usage u ON u.subject = s.subject
+              WHERE {INSIDE}
+              GROUP BY s.span, u.meter{group}"
+        );
+        let batches =
+            load_and_query(&ctx, "usage", &sql, &shares, ids, reach, false, need, stats).await?;
+        for b in batches {
+            let keys = result_keys(&b, ids, by_group)?;
             let sum = col::<Decimal128Array>(&b, "sum_value")?;
             let count = col::<Int64Array>(&b, "event_count")?;
             let min = col::<Decimal128Array>(&b, "min_value")?;
@@ -576,43 +684,27 @@ pub async fn aggregate(
                 a.latest = dec_at(latest, i)?;
             }
         }
-        stats.query += t0.elapsed();
     }
     if !uniq.is_empty() {
-        let t0 = std::time::Instant::now();
-        let batches = load(
-            db,
-            reach,
-            &uniq,
-            true,
-            Need {
-                extremes: false,
-                groups: by_group,
-            },
-            stats,
-        )
-        .await?;
-        stats.load += t0.elapsed();
-        let t0 = std::time::Instant::now();
-        ctx.register_table(
-            "uniq",
-            Arc::new(MemTable::try_new(usage_schema(true), partitions(batches))?),
-        )?;
-        let df = ctx
-            .sql(&format!(
-                "SELECT s.span AS span, u.meter AS meter{group_sel}, count(DISTINCT u.value) AS n
-                   FROM uniq u JOIN spans s ON u.subject = s.subject
-                  WHERE {INSIDE}
-                  GROUP BY s.span, u.meter{group}"
-            ))
-            .await?;
-        for b in df.collect().await? {
+        let need = Need {
+            extremes: false,
+            groups: by_group,
+        };
+        let sql = format!(
+            "SELECT s.span AS span, u.meter AS meter{group_sel}, count(DISTINCT u.value) AS n
+               FROM spans s JOIN uniq u ON u.subject = s.subject
+              WHERE {INSIDE}
+              GROUP BY s.span, u.meter{group}"
+        );
+        let shares = [(db, uniq.clone())];
+        let batches =
+            load_and_query(&ctx, "uniq", &sql, &shares, ids, reach, true, need, stats).await?;
+        for b in batches {
             let n = col::<Int64Array>(&b, "n")?;
-            for (i, key) in result_keys(&b, by_group)?.into_iter().enumerate() {
+            for (i, key) in result_keys(&b, ids, by_group)?.into_iter().enumerate() {
                 out.entry(key).or_default().unique = n.value(i);
             }
         }
-        stats.query += t0.elapsed();
     }
     Ok(out)
 }
