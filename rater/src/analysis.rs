@@ -65,7 +65,7 @@ pub async fn costs(
     let by_sub: HashMap<Uuid, &Rated> = rated.iter().map(|r| (r.subscription, r)).collect();
     let subs = load_subs(db, tenant, customer).await?;
     let customers: Vec<Uuid> = subs.iter().map(|s| s.customer_id).collect();
-    let subjects = load_subjects(db, tenant, &customers).await?;
+    let subjects = load_subjects(db, tenant, Some(&customers)).await?;
     let mut versions: Vec<Uuid> = subs.iter().map(|s| s.plan_version).collect();
     versions.sort();
     versions.dedup();

@@ -444,16 +444,17 @@ fn finish(
 }
 
 /// The last quantity billed per (subscription, meter, period start) on issued or paid invoices.
+/// `subs`: these subscriptions, or all of the tenant's.
 async fn billed(
     db: &tokio_postgres::Client,
     tenant: Uuid,
-    subs: &[Uuid],
+    subs: Option<&[Uuid]>,
 ) -> anyhow::Result<HashMap<(Uuid, Uuid, DateTime<Utc>), Decimal>> {
     let rows = db
         .query(
             "SELECT i.subscription_id, l.meter_id, l.period_start, l.quantity
                FROM invoice_lines l JOIN invoices i ON i.id = l.invoice_id
-              WHERE i.tenant_id = $1 AND i.subscription_id = ANY($2)
+              WHERE i.tenant_id = $1 AND ($2::uuid[] IS NULL OR i.subscription_id = ANY($2))
                 AND i.status IN ('issued', 'paid') AND l.kind IN ('usage', 'correction')
               ORDER BY i.issued_at, i.number, l.position",
             &[&tenant, &subs],
@@ -485,16 +486,41 @@ pub struct Scope<'a> {
     pub plan: Option<&'a PlanOverride>,
 }
 
-/// The event subjects of each customer.
+/// Which of the `periods` each subscription (of `subs`, or all of the tenant's) has an issued or
+/// paid invoice for: those periods get correction lines.
+async fn issued(
+    db: &tokio_postgres::Client,
+    tenant: Uuid,
+    subs: Option<&[Uuid]>,
+    periods: &[String],
+) -> anyhow::Result<std::collections::HashSet<(Uuid, String)>> {
+    if periods.is_empty() {
+        return Ok(Default::default());
+    }
+    Ok(db
+        .query(
+            "SELECT subscription_id, period FROM invoices
+              WHERE tenant_id = $1 AND ($2::uuid[] IS NULL OR subscription_id = ANY($2))
+                AND period = ANY($3) AND status IN ('issued', 'paid')",
+            &[&tenant, &subs, &periods],
+        )
+        .await?
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect())
+}
+
+/// The event subjects of each customer (of `customers`, or of every customer of the tenant).
 pub async fn load_subjects(
     db: &tokio_postgres::Client,
     tenant: Uuid,
-    customers: &[Uuid],
+    customers: Option<&[Uuid]>,
 ) -> anyhow::Result<HashMap<Uuid, Vec<String>>> {
     let mut subjects: HashMap<Uuid, Vec<String>> = HashMap::new();
     for r in db
         .query(
-            "SELECT customer_id, subject FROM customer_subjects WHERE tenant_id = $1 AND customer_id = ANY($2)",
+            "SELECT customer_id, subject FROM customer_subjects
+              WHERE tenant_id = $1 AND ($2::uuid[] IS NULL OR customer_id = ANY($2))",
             &[&tenant, &customers],
         )
         .await?
@@ -502,6 +528,108 @@ pub async fn load_subjects(
         subjects.entry(r.get(0)).or_default().push(r.get(1));
     }
     Ok(subjects)
+}
+
+/// What pricing a tenant's subscriptions needs, shared by the pricing threads.
+struct PriceInputs<'a> {
+    tenant: Uuid,
+    ym: YearMonth,
+    subs: &'a [Sub],
+    defs: &'a [SpanDef],
+    prices: &'a HashMap<Uuid, Vec<MeterPrice>>,
+    taxes: &'a HashMap<String, TaxRate>,
+    billed: &'a HashMap<(Uuid, Uuid, DateTime<Utc>), Decimal>,
+    aggs: &'a crate::usage::Aggs,
+}
+
+/// Prices one subscription: its spans are `defs[first..last]` (span `k` is `defs[k]`); `None`
+/// when it has no span in the period.
+fn price_sub(
+    x: &PriceInputs<'_>,
+    sub: usize,
+    spans: std::ops::Range<usize>,
+) -> anyhow::Result<Option<Rated>> {
+    let s = &x.subs[sub];
+    let (ym, prices, billed, aggs) = (x.ym, x.prices, x.billed, x.aggs);
+    let zero = Agg::default();
+    let mut lines: Vec<RatedLine> = Vec::new();
+    let mut has_span = false;
+    for k in spans {
+        let d = &x.defs[k];
+        let Some((ps, pe, from, to)) = s.span(d.period) else {
+            continue;
+        };
+        let no_prices = Vec::new();
+        let mps = prices.get(&s.plan_version).unwrap_or(&no_prices);
+        if d.period == ym {
+            has_span = true;
+            // The fee runs from the end of a free trial, if one covers part of the span.
+            let fee_from = s.trial_ends_at.map_or(from, |t| t.clamp(from, to));
+            if !s.recurring_fee.is_zero() && fee_from < to {
+                let from = fee_from;
+                let amount = prorate(
+                    s.recurring_fee,
+                    Span::Seconds(ps, pe),
+                    Span::Seconds(from, to),
+                )?;
+                let partial = from != ps || to != pe;
+                lines.push(RatedLine {
+                    kind: "recurring",
+                    meter: None,
+                    description: format!("{}{}", s.plan, if partial { " (prorated)" } else { "" }),
+                    period_start: from,
+                    period_end: to,
+                    quantity: Decimal::ONE,
+                    previous_quantity: None,
+                    price: Some(Arc::new(
+                        json!({"type": "flat", "amount": s.recurring_fee.normalize().to_string()}),
+                    )),
+                    unit_price: Some(amount),
+                    tiers: Details::default(),
+                    amount,
+                    discount: Decimal::ZERO,
+                    tax: Decimal::ZERO,
+                    total: Decimal::ZERO,
+                });
+            }
+            for mp in mps {
+                let a = aggs.get(&(k as u32, mp.meter, None)).unwrap_or(&zero);
+                lines.push(usage_line(mp, a.quantity(mp.aggregation), from, to)?);
+            }
+        } else {
+            for mp in mps {
+                let now = aggs
+                    .get(&(k as u32, mp.meter, None))
+                    .unwrap_or(&zero)
+                    .quantity(mp.aggregation)
+                    .normalize();
+                // Lines name the span start of the period they bill.
+                let before = billed
+                    .get(&(s.id, mp.meter, from))
+                    .copied()
+                    .unwrap_or_default()
+                    .normalize();
+                if now == before {
+                    continue;
+                }
+                let mut l = usage_line(mp, now, from, to)?;
+                let delta = mp.price.total(now)? - mp.price.total(before)?;
+                l.kind = "correction";
+                l.description = format!("{} — correction for {}", l.description, d.period);
+                l.previous_quantity = Some(before);
+                l.unit_price = None;
+                l.amount = delta;
+                lines.push(l);
+            }
+        }
+    }
+    if !has_span {
+        return Ok(None);
+    }
+    // Corrections after the period's own lines.
+    lines.sort_by_key(|l| l.kind == "correction");
+    let tax = s.tax_region.as_ref().and_then(|r| x.taxes.get(r));
+    finish(x.tenant, s, ym, lines, tax).map(Some)
 }
 
 /// Rates one tenant's subscriptions for `ym` (and corrections of the periods before).
@@ -514,7 +642,39 @@ pub async fn rate_tenant(
     stats: &mut LoadStats,
 ) -> anyhow::Result<Vec<Rated>> {
     let t0 = Instant::now();
-    let mut subs = load_subs(db, tenant, scope.customer).await?;
+    let mut priors = Vec::new();
+    let mut p = ym;
+    let corrections = if scope.plan.is_some() {
+        0
+    } else {
+        CORRECTION_PERIODS
+    };
+    for _ in 0..corrections {
+        p = p.prev();
+        priors.push(p);
+    }
+    let prior_labels: Vec<String> = priors.iter().map(ToString::to_string).collect();
+    // Rating a whole tenant, what does not depend on the subscriptions is read at the same
+    // time as they are (the queries pipeline on the one connection); for one customer, it
+    // is read for their subscriptions once they are known.
+    let tenant_wide = scope.customer.is_none();
+    let (mut subs, taxes, pre) = futures_util::future::try_join3(
+        load_subs(db, tenant, scope.customer),
+        load_tax(db, tenant),
+        async {
+            if !tenant_wide {
+                return Ok(None);
+            }
+            futures_util::future::try_join3(
+                billed(db, tenant, None),
+                issued(db, tenant, None, &prior_labels),
+                load_subjects(db, tenant, None),
+            )
+            .await
+            .map(Some)
+        },
+    )
+    .await?;
     if let Some(o) = scope.plan {
         subs.retain(|s| s.currency == o.currency);
         for s in &mut subs {
@@ -531,39 +691,23 @@ pub async fn rate_tenant(
     if subs.is_empty() {
         return Ok(Vec::new());
     }
-    let sub_ids: Vec<Uuid> = subs.iter().map(|s| s.id).collect();
     let mut versions: Vec<Uuid> = subs.iter().map(|s| s.plan_version).collect();
     versions.sort();
     versions.dedup();
     let prices = load_prices(db, tenant, &versions).await?;
-    let taxes = load_tax(db, tenant).await?;
-    let billed = billed(db, tenant, &sub_ids).await?;
-    let mut priors = Vec::new();
-    let mut p = ym;
-    let corrections = if scope.plan.is_some() {
-        0
-    } else {
-        CORRECTION_PERIODS
+    let (billed, issued, subjects) = match pre {
+        Some(pre) => pre,
+        None => {
+            let sub_ids: Vec<Uuid> = subs.iter().map(|s| s.id).collect();
+            let customers: Vec<Uuid> = subs.iter().map(|s| s.customer_id).collect();
+            futures_util::future::try_join3(
+                billed(db, tenant, Some(&sub_ids)),
+                issued(db, tenant, Some(&sub_ids), &prior_labels),
+                load_subjects(db, tenant, Some(&customers)),
+            )
+            .await?
+        }
     };
-    for _ in 0..corrections {
-        p = p.prev();
-        priors.push(p);
-    }
-    let prior_labels: Vec<String> = priors.iter().map(ToString::to_string).collect();
-    let issued: std::collections::HashSet<(Uuid, String)> = db
-        .query(
-            "SELECT subscription_id, period FROM invoices
-              WHERE tenant_id = $1 AND subscription_id = ANY($2) AND period = ANY($3)
-                AND status IN ('issued', 'paid')",
-            &[&tenant, &sub_ids, &prior_labels],
-        )
-        .await?
-        .iter()
-        .map(|r| (r.get(0), r.get(1)))
-        .collect();
-
-    let customers: Vec<Uuid> = subs.iter().map(|s| s.customer_id).collect();
-    let subjects = load_subjects(db, tenant, &customers).await?;
 
     tracing::debug!(
         seconds = t0.elapsed().as_secs_f64(),
@@ -598,91 +742,55 @@ pub async fn rate_tenant(
     tracing::debug!(seconds = t0.elapsed().as_secs_f64(), "spans built");
     let aggs = aggregate(db, extra, tenant, &meters, &rows, false, stats).await?;
     tracing::debug!(seconds = t0.elapsed().as_secs_f64(), "usage aggregated");
-    let zero = Agg::default();
-
-    // Lines per subscription of the current period.
-    let mut lines: Vec<Vec<RatedLine>> = vec![Vec::new(); subs.len()];
-    let mut has_span = vec![false; subs.len()];
-    for (k, d) in defs.iter().enumerate() {
-        let s = &subs[d.sub];
-        let Some((ps, pe, from, to)) = s.span(d.period) else {
-            continue;
-        };
-        let no_prices = Vec::new();
-        let mps = prices.get(&s.plan_version).unwrap_or(&no_prices);
-        if d.period == ym {
-            has_span[d.sub] = true;
-            // The fee runs from the end of a free trial, if one covers part of the span.
-            let fee_from = s.trial_ends_at.map_or(from, |t| t.clamp(from, to));
-            if !s.recurring_fee.is_zero() && fee_from < to {
-                let from = fee_from;
-                let amount = prorate(
-                    s.recurring_fee,
-                    Span::Seconds(ps, pe),
-                    Span::Seconds(from, to),
-                )?;
-                let partial = from != ps || to != pe;
-                lines[d.sub].push(RatedLine {
-                    kind: "recurring",
-                    meter: None,
-                    description: format!("{}{}", s.plan, if partial { " (prorated)" } else { "" }),
-                    period_start: from,
-                    period_end: to,
-                    quantity: Decimal::ONE,
-                    previous_quantity: None,
-                    price: Some(Arc::new(
-                        json!({"type": "flat", "amount": s.recurring_fee.normalize().to_string()}),
-                    )),
-                    unit_price: Some(amount),
-                    tiers: Details::default(),
-                    amount,
-                    discount: Decimal::ZERO,
-                    tax: Decimal::ZERO,
-                    total: Decimal::ZERO,
-                });
-            }
-            for mp in mps {
-                let a = aggs.get(&(k as u32, mp.meter, None)).unwrap_or(&zero);
-                lines[d.sub].push(usage_line(mp, a.quantity(mp.aggregation), from, to)?);
-            }
-        } else {
-            for mp in mps {
-                let now = aggs
-                    .get(&(k as u32, mp.meter, None))
-                    .unwrap_or(&zero)
-                    .quantity(mp.aggregation)
-                    .normalize();
-                // Lines name the span start of the period they bill.
-                let before = billed
-                    .get(&(s.id, mp.meter, from))
-                    .copied()
-                    .unwrap_or_default()
-                    .normalize();
-                if now == before {
-                    continue;
-                }
-                let mut l = usage_line(mp, now, from, to)?;
-                let delta = mp.price.total(now)? - mp.price.total(before)?;
-                l.kind = "correction";
-                l.description = format!("{} — correction for {}", l.description, d.period);
-                l.previous_quantity = Some(before);
-                l.unit_price = None;
-                l.amount = delta;
-                lines[d.sub].push(l);
-            }
+    let x = PriceInputs {
+        tenant,
+        ym,
+        subs: &subs,
+        defs: &defs,
+        prices: &prices,
+        taxes: &taxes,
+        billed: &billed,
+        aggs: &aggs,
+    };
+    // Each subscription's spans, in order (defs were built subscription by subscription).
+    let mut ranges: Vec<(usize, std::ops::Range<usize>)> = Vec::with_capacity(subs.len());
+    let mut k = 0;
+    for i in 0..subs.len() {
+        let first = k;
+        while k < defs.len() && defs[k].sub == i {
+            k += 1;
         }
+        ranges.push((i, first..k));
     }
-    tracing::debug!(seconds = t0.elapsed().as_secs_f64(), "lines priced");
-    let mut out = Vec::new();
-    for (i, s) in subs.iter().enumerate() {
-        if !has_span[i] {
-            continue;
-        }
-        let mut ls = std::mem::take(&mut lines[i]);
-        // Corrections after the period's own lines.
-        ls.sort_by_key(|l| l.kind == "correction");
-        let tax = s.tax_region.as_ref().and_then(|r| taxes.get(r));
-        out.push(finish(tenant, s, ym, ls, tax)?);
+    // Pricing is CPU work with PostgreSQL idle: one share of the subscriptions per core, in
+    // subscription order.
+    let threads = std::thread::available_parallelism().map_or(1, usize::from);
+    let share = ranges.len().div_ceil(threads).max(1);
+    let priced: Vec<anyhow::Result<Vec<Rated>>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = ranges
+            .chunks(share)
+            .map(|chunk| {
+                let x = &x;
+                scope.spawn(move || {
+                    let mut out = Vec::with_capacity(chunk.len());
+                    for (i, r) in chunk {
+                        out.extend(price_sub(x, *i, r.clone())?);
+                    }
+                    anyhow::Ok(out)
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(anyhow::anyhow!("a pricing thread panicked")))
+            })
+            .collect()
+    });
+    let mut out = Vec::with_capacity(subs.len());
+    for p in priced {
+        out.extend(p?);
     }
     tracing::debug!(seconds = t0.elapsed().as_secs_f64(), "invoices computed");
     Ok(out)
