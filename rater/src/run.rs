@@ -954,7 +954,7 @@ async fn insert_lines(
         Type::NUMERIC,
         Type::JSONB,
         Type::NUMERIC,
-        Type::JSONB,
+        Type::JSON,
         Type::NUMERIC,
         Type::NUMERIC,
         Type::NUMERIC,

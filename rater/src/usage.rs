@@ -769,6 +769,8 @@ pub async fn aggregate(
             seconds = t0.elapsed().as_secs_f64(),
             "usage loaded and queried"
         );
+        // One entry per result row: sized once instead of rehashed as it grows.
+        out.reserve(batches.iter().map(RecordBatch::num_rows).sum());
         for b in batches {
             let keys = result_keys(&b, ids, by_group)?;
             let sum = col::<Decimal128Array>(&b, "sum_value")?;
@@ -821,6 +823,12 @@ mod tests {
         let d = Decimal::from_str("123.4567").expect("decimal");
         let v = to_scaled(d).expect("fits");
         assert_eq!(from_scaled(v, SCALE as u32).expect("back"), d);
+        // Decimal's largest value is beyond i128 at scale 16: both paths refuse it.
+        let huge = Decimal::from_str("79228162514264337593543950335").expect("decimal");
+        assert!(to_scaled(huge).is_err());
+        assert!(numeric_scaled(&wire(huge))
+            .expect_err("refused")
+            .contains("too large"));
         let fine = Decimal::from_str("0.12345678901234567").expect("decimal");
         assert!(to_scaled(fine).is_err());
         let trailing = Decimal::from_str("1.10000000000000000000").expect("decimal");
@@ -865,7 +873,7 @@ mod tests {
             "-0.0001",
             "0.0000000000000001",
             "1234567890123456789012.5",
-            "79228162514264337593543950335",
+            "1701411834604.6923173168730371",
             "0.5",
             "100000000",
             "-98765.4321000000000001",
@@ -877,6 +885,12 @@ mod tests {
                 "{text}"
             );
         }
+        // Decimal's largest value is beyond i128 at scale 16: both paths refuse it.
+        let huge = Decimal::from_str("79228162514264337593543950335").expect("decimal");
+        assert!(to_scaled(huge).is_err());
+        assert!(numeric_scaled(&wire(huge))
+            .expect_err("refused")
+            .contains("too large"));
         let fine = Decimal::from_str("0.12345678901234567").expect("decimal");
         assert!(numeric_scaled(&wire(fine))
             .expect_err("refused")

@@ -393,6 +393,26 @@ async fn a_period_is_rated_into_draft_invoices_with_hand_checked_amounts() {
     assert_eq!(status, "draft");
     assert_eq!(number, None);
     assert_eq!((subtotal, tax, total), (d("39.96"), d("7.60"), d("47.56")));
+    // The graduated line's tier breakdown is stored whole (json) and reads back.
+    let tiers: serde_json::Value =
+        f.db.query_one(
+            "SELECT l.tiers FROM invoice_lines l WHERE l.kind = 'usage' AND l.quantity = 1500",
+            &[],
+        )
+        .await
+        .expect("tiers")
+        .get(0);
+    assert_eq!(tiers["tiers"].as_array().map(Vec::len), Some(2), "{tiers}");
+    // An invoiced subscription cannot be deleted (invoices keep naming it).
+    let refused =
+        f.db.execute("DELETE FROM subscriptions", &[])
+            .await
+            .expect_err("an invoiced subscription is kept");
+    assert_eq!(
+        refused.code(),
+        Some(&tokio_postgres::error::SqlState::FOREIGN_KEY_VIOLATION),
+        "{refused}"
+    );
 
     // A dry run writes nothing and rates the same.
     let before: i64 =
