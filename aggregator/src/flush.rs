@@ -6,7 +6,7 @@
 use crate::process::{self, BadRecord, Deltas, Outcome, Pending};
 use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use tokio_postgres::Client;
 use uuid::Uuid;
 
@@ -73,9 +73,6 @@ impl std::fmt::Debug for FlushInput<'_> {
     }
 }
 
-/// Columns of dedup rows: tenant, source, event id, reception time.
-type DedupRows<'a> = (Vec<Uuid>, Vec<&'a str>, Vec<&'a str>, Vec<DateTime<Utc>>);
-
 fn ts(nanos: i64) -> DateTime<Utc> {
     DateTime::from_timestamp_nanos(nanos)
 }
@@ -127,79 +124,34 @@ pub async fn flush(db: &mut Client, inp: FlushInput<'_>) -> Result<FlushReport, 
     let outcomes = process::classify(inp.events, inp.meters, inp.lateness, &mut wms);
 
     phases.push(("classify", t0.elapsed()));
-    // 3. Dedup: first within the flush, then against every id claimed before (any shard, any
-    //    earlier flush) inside the dedup window. Insert-or-refresh-if-expired returns the ids
-    //    that are new; the others are duplicates.
+    // 3. Dedup: first within the flush, then against every key claimed before (any shard, any
+    //    earlier flush) inside the dedup window. One statement claims the keys: a new key is
+    //    inserted, a key seen longer ago than the window is claimed anew (refreshed); both come
+    //    back from RETURNING. A key not returned is a duplicate. A key another shard's open
+    //    transaction claims (the same id under another subject) makes this insert wait for it:
+    //    if it commits, the key is a duplicate here; if it rolls back, the key is ours. Exact.
     let (claim, mut duplicate) = process::dedup_within(inp.events, &outcomes);
     if !claim.is_empty() {
-        let idx: Vec<i32> = claim.iter().map(|&i| i as i32).collect();
-        let tenants: Vec<Uuid> = claim.iter().map(|&i| inp.events[i].tenant).collect();
-        let sources: Vec<&str> = claim
-            .iter()
-            .map(|&i| inp.events[i].event.source.as_str())
-            .collect();
-        let ids: Vec<&str> = claim
-            .iter()
-            .map(|&i| inp.events[i].event.id.as_str())
-            .collect();
-        let seen: Vec<DateTime<Utc>> = claim.iter().map(|&i| ts(inp.events[i].received)).collect();
+        let keys: Vec<Uuid> = claim.iter().map(|c| c.1).collect();
+        let seen: Vec<DateTime<Utc>> = claim.iter().map(|c| ts(inp.events[c.0].received)).collect();
         let window = format!("{} seconds", inp.dedup_window_secs);
-        // Ids already claimed: inside the window → duplicate; older → claimed anew (refreshed).
-        // A probe then a plain insert costs half of INSERT .. ON CONFLICT .. RETURNING (measured
-        // in BENCHMARKS.md). If another shard claims one of these ids concurrently (same id under
-        // another subject), the insert fails on the primary key, the transaction rolls back and
-        // the retried flush finds the id: still exact.
-        let existing = tx
+        let claimed: HashSet<Uuid> = tx
             .query(
-                "SELECT s.idx, d.seen_at >= s.seen_at - $6::text::interval
-                   FROM unnest($1::int4[], $2::uuid[], $3::text[], $4::text[], $5::timestamptz[])
-                        AS s(idx, tenant_id, source, event_id, seen_at)
-                   JOIN dedup_ids d ON d.tenant_id = s.tenant_id AND d.source = s.source
-                                   AND d.event_id = s.event_id",
-                &[&idx, &tenants, &sources, &ids, &seen, &window],
+                "INSERT INTO dedup_keys AS d (key, seen_at)
+                 SELECT * FROM unnest($1::uuid[], $2::timestamptz[])
+                 ON CONFLICT (key) DO UPDATE SET seen_at = EXCLUDED.seen_at
+                  WHERE d.seen_at < EXCLUDED.seen_at - $3::text::interval
+                 RETURNING key",
+                &[&keys, &seen, &window],
             )
-            .await?;
-        let mut taken = vec![false; claim.len()];
-        let mut refresh: Vec<usize> = Vec::new();
-        let position: HashMap<i32, usize> = idx.iter().enumerate().map(|(k, i)| (*i, k)).collect();
-        for r in existing {
-            let i: i32 = r.get(0);
-            let live: bool = r.get(1);
-            let k = position[&i];
-            taken[k] = true;
-            if live {
-                duplicate[i as usize] = true;
-            } else {
-                refresh.push(k);
+            .await?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        for (i, key) in &claim {
+            if !claimed.contains(key) {
+                duplicate[*i] = true;
             }
-        }
-        let pick = |v: &[usize]| -> DedupRows<'_> {
-            (
-                v.iter().map(|&k| tenants[k]).collect(),
-                v.iter().map(|&k| sources[k]).collect(),
-                v.iter().map(|&k| ids[k]).collect(),
-                v.iter().map(|&k| seen[k]).collect(),
-            )
-        };
-        let new: Vec<usize> = (0..claim.len()).filter(|k| !taken[*k]).collect();
-        if !new.is_empty() {
-            let (t, s, e, w) = pick(&new);
-            tx.execute(
-                "INSERT INTO dedup_ids (tenant_id, source, event_id, seen_at)
-                 SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::timestamptz[])",
-                &[&t, &s, &e, &w],
-            )
-            .await?;
-        }
-        if !refresh.is_empty() {
-            let (t, s, e, w) = pick(&refresh);
-            tx.execute(
-                "UPDATE dedup_ids d SET seen_at = u.w
-                   FROM unnest($1::uuid[], $2::text[], $3::text[], $4::timestamptz[]) AS u(t, s, e, w)
-                  WHERE d.tenant_id = u.t AND d.source = u.s AND d.event_id = u.e",
-                &[&t, &s, &e, &w],
-            )
-            .await?;
         }
     }
     phases.push(("dedup", t0.elapsed()));

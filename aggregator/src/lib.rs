@@ -63,8 +63,8 @@ async fn housekeeping(cfg: Config, shutdown: CancellationToken) {
         loop {
             match db
                 .execute(
-                    "DELETE FROM dedup_ids WHERE ctid IN (
-                        SELECT ctid FROM dedup_ids WHERE seen_at < now() - $1::text::interval LIMIT 50000)",
+                    "DELETE FROM dedup_keys WHERE ctid IN (
+                        SELECT ctid FROM dedup_keys WHERE seen_at < now() - $1::text::interval LIMIT 50000)",
                     &[&keep],
                 )
                 .await

@@ -25,7 +25,7 @@ pub const PENDING_EVENTS: &str = "aggregator_pending_events";
 /// `/metrics` HTTP listener.
 pub fn install(listen: SocketAddr) {
     let buckets_s = [
-        0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+        0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.5, 5.0, 10.0, 30.0,
     ];
     let buckets_n = [
         1.0, 10.0, 100.0, 1_000.0, 10_000.0, 50_000.0, 100_000.0, 500_000.0,

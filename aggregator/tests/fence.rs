@@ -104,7 +104,7 @@ async fn a_shard_that_lost_its_partition_cannot_commit() {
     let r = flush(&mut db, input(&stale, "a")).await;
     assert!(matches!(r, Err(FlushError::Fenced(_))), "{r:?}");
     let rows: i64 = db
-        .query_one("SELECT (SELECT count(*) FROM usage_minute) + (SELECT count(*) FROM dedup_ids) + (SELECT count(*) FROM consumer_offsets)", &[])
+        .query_one("SELECT (SELECT count(*) FROM usage_minute) + (SELECT count(*) FROM dedup_keys) + (SELECT count(*) FROM consumer_offsets)", &[])
         .await
         .expect("count")
         .get(0);

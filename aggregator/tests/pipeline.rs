@@ -367,8 +367,46 @@ async fn dedup_survives_a_restart_and_ids_are_per_tenant() {
     p.wait_accounted(other, 1, WAIT).await;
     assert_eq!(p.outcomes(p.tenant).await.get("duplicate"), Some(&1));
     assert_eq!(p.outcomes(other).await.get("accepted"), Some(&1));
+
+    // The same (source, id) under other subjects (other partitions, other shards' keys): still
+    // the same event, counted once.
+    for subject in ["s2", "s3", "s4"] {
+        let again = event("same-id", "call", subject, &t, json!({}));
+        p.post_events(&p.key, std::slice::from_ref(&again)).await;
+    }
+    p.wait_accounted(p.tenant, 5, WAIT).await;
+    assert_eq!(p.outcomes(p.tenant).await.get("duplicate"), Some(&4));
+    assert_eq!(p.outcomes(p.tenant).await.get("accepted"), Some(&1));
     stop.cancel();
     task.await.expect("stopped");
+
+    // What is stored is the key both sides compute: the flush in Rust, operators in SQL
+    // (`metering_dedup_key`), one per (tenant, source, id).
+    let stored: Vec<uuid::Uuid> =
+        p.db.query("SELECT key FROM dedup_keys ORDER BY key", &[])
+            .await
+            .expect("keys")
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+    let mut expected = Vec::new();
+    for tenant in [p.tenant, other] {
+        let sql: uuid::Uuid =
+            p.db.query_one(
+                "SELECT metering_dedup_key($1, 'test', 'same-id')",
+                &[&tenant],
+            )
+            .await
+            .expect("sql key")
+            .get(0);
+        assert_eq!(
+            sql,
+            aggregator::process::dedup_key(&tenant, "test", "same-id")
+        );
+        expected.push(sql);
+    }
+    expected.sort();
+    assert_eq!(stored, expected);
 }
 
 #[tokio::test]

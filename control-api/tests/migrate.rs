@@ -17,7 +17,7 @@ const REQUIRED_TABLES: &[&str] = &[
     "usage_unique_day",
     "consumer_offsets",
     "partition_leases",
-    "dedup_ids",
+    "dedup_keys",
     "dead_letters",
     "usage_corrections",
     "event_outcomes",
@@ -47,15 +47,20 @@ async fn migrations_apply_once_and_twice_is_a_no_op() {
     assert_eq!(history as usize, schemas::migrate::known().len());
 }
 
-#[tokio::test]
-async fn concurrent_runners_serialise_on_the_lock() {
+/// A new database with no migrations applied; returns its URL.
+async fn empty_database() -> String {
     let admin = connect(&with_database(&database_url(), "postgres")).await;
     let name = format!("metering_t_{}", uuid_like());
     admin
         .batch_execute(&format!("CREATE DATABASE {name}"))
         .await
         .expect("create db");
-    let url = with_database(&database_url(), &name);
+    with_database(&database_url(), &name)
+}
+
+#[tokio::test]
+async fn concurrent_runners_serialise_on_the_lock() {
+    let url = empty_database().await;
     let mut a = connect(&url).await;
     let mut b = connect(&url).await;
     let (ra, rb) = tokio::join!(schemas::migrate::run(&mut a), schemas::migrate::run(&mut b));
@@ -155,4 +160,53 @@ async fn the_cli_migrates_and_reports_json() {
 
 fn uuid_like() -> String {
     uuid::Uuid::new_v4().simple().to_string()
+}
+
+/// V13 turns the dedup ids of V3 into 16-byte keys: an id claimed before the upgrade is still
+/// claimed after it, under the key the aggregator computes, with its reception time.
+#[tokio::test]
+async fn dedup_ids_become_keys_on_upgrade() {
+    let mut client = connect(&empty_database().await).await;
+    schemas::migrate::run_to(&mut client, Some(12))
+        .await
+        .expect("up to V12");
+    let tenant = uuid::Uuid::from_u128(0xb1);
+    client
+        .execute(
+            "INSERT INTO dedup_ids (tenant_id, source, event_id, seen_at)
+             VALUES ($1, 'svc', 'ev-1', '2026-12-01T10:00:00Z'), ($1, 'sé', '', '2026-12-01T11:00:00Z')",
+            &[&tenant],
+        )
+        .await
+        .expect("old ids");
+    let applied = schemas::migrate::run(&mut client).await.expect("upgrade");
+    assert!(applied.iter().any(|m| m.version == 13), "{applied:?}");
+    let rows = client
+        .query(
+            "SELECT key::text, seen_at::text FROM dedup_keys ORDER BY seen_at",
+            &[],
+        )
+        .await
+        .expect("keys");
+    let got: Vec<(String, String)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+    assert_eq!(
+        got,
+        vec![
+            // The value aggregator::process::dedup_key gives for (b1, "svc", "ev-1").
+            (
+                "04c5651b-c12f-2a50-d681-9af0fec89e51".to_string(),
+                "2026-12-01 10:00:00+00".to_string()
+            ),
+            (
+                "caa9471b-e48b-1b8e-f0aa-980581ba9639".to_string(),
+                "2026-12-01 11:00:00+00".to_string()
+            ),
+        ]
+    );
+    let old: Option<String> = client
+        .query_one("SELECT to_regclass('dedup_ids')::text", &[])
+        .await
+        .expect("query")
+        .get(0);
+    assert_eq!(old, None, "the old table is gone");
 }

@@ -32,14 +32,24 @@ pub struct Applied {
 /// Applies every pending migration and returns the ones this call applied (empty when the
 /// database was already up to date).
 pub async fn run(client: &mut Client) -> Result<Vec<Applied>, MigrateError> {
+    run_to(client, None).await
+}
+
+/// Applies the pending migrations up to and including `version` (all with `None`): upgrade
+/// tests start from an older schema with this.
+pub async fn run_to(
+    client: &mut Client,
+    version: Option<i32>,
+) -> Result<Vec<Applied>, MigrateError> {
     client
         .execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK])
         .await
         .map_err(MigrateError::Lock)?;
-    let report = embedded::migrations::runner()
-        .set_abort_divergent(true)
-        .run_async(client)
-        .await;
+    let mut runner = embedded::migrations::runner();
+    if let Some(v) = version {
+        runner = runner.set_target(refinery::Target::Version(v));
+    }
+    let report = runner.set_abort_divergent(true).run_async(client).await;
     // Unlock even when a migration failed; the connection's end would release it too.
     let unlock = client
         .execute("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK])

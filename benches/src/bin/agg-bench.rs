@@ -5,7 +5,8 @@
 //!   events packed like ingest packs them (`usage.v1.EventBatch`, 500 events per record,
 //!   acks=all, idempotent) straight to the topic.
 //! - `drain BROKERS TOPIC EVENTS`: the bare broker's consume rate: reads the topic from the start
-//!   and decodes records until EVENTS events were seen.
+//!   and decodes records until EVENTS events were seen (`AGG_BENCH_CONSUMER="k=v,…"` adds
+//!   librdkafka settings).
 //! - `post URL KEY EVENTS BATCH CONCURRENCY`: posts EVENTS unique events through ingest in
 //!   batches, CONCURRENCY requests at a time.
 //! - `wait DATABASE_URL TENANT EVENTS`: polls PostgreSQL until EVENTS events of TENANT are
@@ -35,6 +36,28 @@ fn data(i: u64) -> String {
     )
 }
 
+/// A UUID-shaped event id, unique per (run, k) and spread like the random ids clients send
+/// (sequential ids would make the dedup index's inserts unrealistically local).
+fn event_id(run: i64, k: u64) -> String {
+    let mix = |mut z: u64| {
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    };
+    let hi = mix((run as u64).wrapping_add(k.wrapping_mul(0x9e37_79b9_7f4a_7c15)));
+    let lo = mix(hi ^ k);
+    let v = (u128::from(hi) << 64) | u128::from(lo);
+    let h = format!("{v:032x}");
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..]
+    )
+}
+
 fn local(brokers: &str) {
     assert!(brokers.starts_with("127."), "local targets only");
 }
@@ -56,6 +79,31 @@ fn fill(brokers: &str, topic: &str, tenant: &str, events: u64) {
         .expect("metadata");
     let parts = md.topics()[0].partitions().len() as u64;
     assert!(parts > 0, "topic {topic} has no partitions");
+    // Not timed: an idempotent producer first acquires its producer id (librdkafka's timer:
+    // up to ~0.5 s), which made this baseline bimodal (0.38 M or 1.2 M events/s). One record
+    // of no events, flushed, pays that before the clock starts.
+    let warm = EventBatch {
+        tenant_id: tenant.to_string(),
+        request_id: "bench-warm-up".into(),
+        received_unix_nanos: now_nanos(),
+        events: Vec::new(),
+    }
+    .encode_to_vec();
+    producer
+        .send(
+            BaseRecord::<(), _>::to(topic)
+                .partition(0)
+                .payload(&warm)
+                .headers(OwnedHeaders::new().insert(Header {
+                    key: schemas::kafka::CONTENT_TYPE_HEADER,
+                    value: Some(schemas::kafka::EVENT_BATCH_V1),
+                })),
+        )
+        .map_err(|(e, _)| e)
+        .expect("warm-up record");
+    producer
+        .flush(Duration::from_secs(30))
+        .expect("warm-up flush");
     let started = Instant::now();
     let per = 500u64;
     let mut i = 0u64;
@@ -69,7 +117,7 @@ fn fill(brokers: &str, topic: &str, tenant: &str, events: u64) {
             received_unix_nanos: received,
             events: (i..i + n)
                 .map(|k| UsageEvent {
-                    id: format!("ev-{k}"),
+                    id: event_id(0, k),
                     source: "bench".into(),
                     r#type: "prompt".into(),
                     subject: format!("cust-{}", k % 100),
@@ -110,13 +158,26 @@ fn fill(brokers: &str, topic: &str, tenant: &str, events: u64) {
 
 fn drain(brokers: &str, topic: &str, events: u64) {
     local(brokers);
-    let c: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
+    let mut cc = ClientConfig::new();
+    cc.set("bootstrap.servers", brokers)
         .set("broker.address.family", "v4")
         .set("group.id", "agg-bench-drain")
         .set("enable.auto.commit", "false")
-        .create()
-        .expect("consumer");
+        // tansu answers a fetch only when fetch.wait.max.ms has passed, even with data ready:
+        // librdkafka's default (500 ms) held this baseline at ~183 k events/s, 10 ms gives
+        // ~1.6 M (measured 2026-12-07: 1 / 5 / 10 / 50 / 500 ms → 1.5 / 1.8 / 1.6 / 0.84 /
+        // 0.18 M events/s).
+        .set("fetch.wait.max.ms", "10");
+    // AGG_BENCH_CONSUMER="key=value,…": extra librdkafka settings (fetch tuning experiments).
+    for kv in std::env::var("AGG_BENCH_CONSUMER")
+        .unwrap_or_default()
+        .split(',')
+    {
+        if let Some((k, v)) = kv.split_once('=') {
+            cc.set(k.trim(), v.trim());
+        }
+    }
+    let c: BaseConsumer = cc.create().expect("consumer");
     let md = c
         .fetch_metadata(Some(topic), Duration::from_secs(10))
         .expect("metadata");
@@ -174,7 +235,8 @@ async fn post(url: &str, key: &str, events: u64, batch: u64, concurrency: u64) {
                         body.push(',');
                     }
                     body.push_str(&format!(
-                        r#"{{"specversion":"1.0","id":"p{run}-{k}","source":"bench","type":"prompt","subject":"cust-{}","time":"{time}","data":{}}}"#,
+                        r#"{{"specversion":"1.0","id":"{}","source":"bench","type":"prompt","subject":"cust-{}","time":"{time}","data":{}}}"#,
+                        event_id(run, k),
                         k % 100,
                         data(k)
                     ));
