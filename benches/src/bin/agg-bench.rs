@@ -82,6 +82,10 @@ fn fill(brokers: &str, topic: &str, tenant: &str, events: u64) {
     // Not timed: an idempotent producer first acquires its producer id (librdkafka's timer:
     // up to ~0.5 s), which made this baseline bimodal (0.38 M or 1.2 M events/s). One record
     // of no events, flushed, pays that before the clock starts.
+    let headers = OwnedHeaders::new().insert(Header {
+        key: schemas::kafka::CONTENT_TYPE_HEADER,
+        value: Some(schemas::kafka::EVENT_BATCH_V1),
+    });
     let warm = EventBatch {
         tenant_id: tenant.to_string(),
         request_id: "bench-warm-up".into(),
@@ -94,10 +98,7 @@ fn fill(brokers: &str, topic: &str, tenant: &str, events: u64) {
             BaseRecord::<(), _>::to(topic)
                 .partition(0)
                 .payload(&warm)
-                .headers(OwnedHeaders::new().insert(Header {
-                    key: schemas::kafka::CONTENT_TYPE_HEADER,
-                    value: Some(schemas::kafka::EVENT_BATCH_V1),
-                })),
+                .headers(headers.clone()),
         )
         .map_err(|(e, _)| e)
         .expect("warm-up record");
@@ -127,15 +128,11 @@ fn fill(brokers: &str, topic: &str, tenant: &str, events: u64) {
                 .collect(),
         };
         let payload = batch.encode_to_vec();
-        let headers = OwnedHeaders::new().insert(Header {
-            key: schemas::kafka::CONTENT_TYPE_HEADER,
-            value: Some(schemas::kafka::EVENT_BATCH_V1),
-        });
         let partition = (record % parts) as i32;
         let mut rec = BaseRecord::<(), _>::to(topic)
             .partition(partition)
             .payload(&payload)
-            .headers(headers);
+            .headers(headers.clone());
         loop {
             match producer.send(rec) {
                 Ok(()) => break,
