@@ -388,6 +388,9 @@ async fn bad_inputs_get_clear_errors_and_produce_nothing() {
     assert!(control_api::keys::revoke_key(&h.db, h.tenant, revoked.id)
         .await
         .expect("revoke"));
+    // A key-cache reload between the key's creation and its revocation may still hold it as
+    // valid, up to the staleness bound (1 s in the harness): wait it out.
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
     let r = post_as(h.addr, &revoked.key, CE, body.clone()).await;
     assert_eq!(r.status, 401, "revoked key");
 
