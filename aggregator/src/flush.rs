@@ -80,6 +80,16 @@ fn ts(nanos: i64) -> DateTime<Utc> {
 pub async fn flush(db: &mut Client, inp: FlushInput<'_>) -> Result<FlushReport, FlushError> {
     let t0 = std::time::Instant::now();
     let mut phases: Vec<(&str, std::time::Duration)> = Vec::new();
+    // Classify in consumption order from the committed watermarks, and dedup within the flush,
+    // before the transaction opens: neither needs the database.
+    let mut wms: HashMap<i32, i64> = inp
+        .partitions
+        .iter()
+        .map(|p| (p.partition, p.watermark))
+        .collect();
+    let outcomes = process::classify(inp.events, inp.meters, inp.lateness, &mut wms);
+    let (claim, mut duplicate) = process::dedup_within(inp.events, &outcomes);
+    phases.push(("classify", t0.elapsed()));
     let tx = db.transaction().await?;
 
     // 1. Fence: every partition written must still be leased to this member under the same
@@ -115,22 +125,12 @@ pub async fn flush(db: &mut Client, inp: FlushInput<'_>) -> Result<FlushReport, 
     }
 
     phases.push(("fence", t0.elapsed()));
-    // 2. Classify in consumption order from the committed watermarks.
-    let mut wms: HashMap<i32, i64> = inp
-        .partitions
-        .iter()
-        .map(|p| (p.partition, p.watermark))
-        .collect();
-    let outcomes = process::classify(inp.events, inp.meters, inp.lateness, &mut wms);
-
-    phases.push(("classify", t0.elapsed()));
-    // 3. Dedup: first within the flush, then against every key claimed before (any shard, any
+    // 2. Dedup: within the flush (above), then against every key claimed before (any shard, any
     //    earlier flush) inside the dedup window. One statement claims the keys: a new key is
     //    inserted, a key seen longer ago than the window is claimed anew (refreshed); both come
     //    back from RETURNING. A key not returned is a duplicate. A key another shard's open
     //    transaction claims (the same id under another subject) makes this insert wait for it:
     //    if it commits, the key is a duplicate here; if it rolls back, the key is ours. Exact.
-    let (claim, mut duplicate) = process::dedup_within(inp.events, &outcomes);
     if !claim.is_empty() {
         let keys: Vec<Uuid> = claim.iter().map(|c| c.1).collect();
         let seen: Vec<DateTime<Utc>> = claim.iter().map(|c| ts(inp.events[c.0].received)).collect();
@@ -155,17 +155,11 @@ pub async fn flush(db: &mut Client, inp: FlushInput<'_>) -> Result<FlushReport, 
         }
     }
     phases.push(("dedup", t0.elapsed()));
-    // 4. Fold the survivors into deltas and merge them at the three grains.
+    // 3. Fold the survivors into deltas and merge them at the three grains.
     let deltas = Deltas::build(inp.events, &outcomes, &duplicate);
     phases.push(("fold", t0.elapsed()));
-    let mut window_rows = 0;
     for (grain, table) in [(0usize, "minute"), (1, "hour"), (2, "day")] {
-        let rows: Vec<_> = deltas
-            .windows
-            .iter()
-            .filter(|(k, _)| k.grain == grain)
-            .collect();
-        window_rows += rows.len();
+        let rows = &deltas.windows[grain];
         if rows.is_empty() {
             continue;
         }
@@ -210,11 +204,7 @@ pub async fn flush(db: &mut Client, inp: FlushInput<'_>) -> Result<FlushReport, 
             ],
         )
         .await?;
-        let uniq: Vec<_> = deltas
-            .uniques
-            .iter()
-            .filter(|(k, _)| k.grain == grain)
-            .collect();
+        let uniq = &deltas.uniques[grain];
         if !uniq.is_empty() {
             let tenant: Vec<Uuid> = uniq.iter().map(|(k, _)| k.tenant).collect();
             let meter: Vec<Uuid> = uniq.iter().map(|(k, _)| k.meter).collect();
@@ -235,9 +225,9 @@ pub async fn flush(db: &mut Client, inp: FlushInput<'_>) -> Result<FlushReport, 
     }
 
     phases.push(("merge", t0.elapsed()));
-    // 5. Corrections: late deltas of windows the watermark had already closed.
+    // 4. Corrections: late deltas of windows the watermark had already closed.
     if !deltas.corrections.is_empty() {
-        let c: Vec<_> = deltas.corrections.iter().collect();
+        let c = &deltas.corrections;
         let tenant: Vec<Uuid> = c.iter().map(|(k, _)| k.tenant).collect();
         let meter: Vec<Uuid> = c.iter().map(|(k, _)| k.meter).collect();
         let subject: Vec<&str> = c.iter().map(|(k, _)| &*k.subject).collect();
@@ -255,7 +245,7 @@ pub async fn flush(db: &mut Client, inp: FlushInput<'_>) -> Result<FlushReport, 
         .await?;
     }
 
-    // 6. Dead letters: rejected events, whole, with the reason; unreadable records.
+    // 5. Dead letters: rejected events, whole, with the reason; unreadable records.
     let mut dl = DeadLetters::default();
     for (p, o) in inp.events.iter().zip(&outcomes) {
         if let Outcome::Rejected { reason, detail } = o {
@@ -268,7 +258,7 @@ pub async fn flush(db: &mut Client, inp: FlushInput<'_>) -> Result<FlushReport, 
     let dead_letters = dl.len();
     dl.write(&tx, inp.topic).await?;
 
-    // 7. Outcome tallies per tenant, day and reason.
+    // 6. Outcome tallies per tenant, day and reason.
     if !deltas.outcomes.is_empty() {
         let o: Vec<_> = deltas.outcomes.iter().collect();
         let tenant: Vec<Uuid> = o.iter().map(|(k, _)| k.0).collect();
@@ -286,7 +276,7 @@ pub async fn flush(db: &mut Client, inp: FlushInput<'_>) -> Result<FlushReport, 
         .await?;
     }
 
-    // 8. Offsets and watermarks.
+    // 7. Offsets and watermarks.
     let commits: Vec<&PartitionCommit> = inp
         .partitions
         .iter()
@@ -342,7 +332,7 @@ pub async fn flush(db: &mut Client, inp: FlushInput<'_>) -> Result<FlushReport, 
         late: deltas.late,
         corrections: deltas.corrections.len(),
         dead_letters,
-        window_rows,
+        window_rows: deltas.window_rows(),
         received_min: inp.events.iter().map(|p| p.received).min(),
         received_max: inp.events.iter().map(|p| p.received).max(),
         watermarks,

@@ -37,16 +37,17 @@ impl Meter {
 /// indexed by (tenant, event type), as of `as_of` (PostgreSQL's clock, Unix nanoseconds).
 #[derive(Debug, Default)]
 pub struct MeterSet {
-    by_type: HashMap<(Uuid, String), Vec<Arc<Meter>>>,
+    /// Tenant → event type → meters (two levels, so a lookup borrows the event's type).
+    by_type: HashMap<Uuid, HashMap<String, Vec<Arc<Meter>>>>,
     pub as_of: i64,
     pub count: usize,
 }
 
 impl MeterSet {
     pub fn for_event(&self, tenant: Uuid, event_type: &str) -> &[Arc<Meter>] {
-        // Borrowed lookup without allocating: the map is small per tenant; build the key once.
         self.by_type
-            .get(&(tenant, event_type.to_string()))
+            .get(&tenant)
+            .and_then(|types| types.get(event_type))
             .map(Vec::as_slice)
             .unwrap_or(&[])
     }
@@ -153,7 +154,9 @@ pub async fn load(db: &Client) -> Result<MeterSet, tokio_postgres::Error> {
             Ok(m) => {
                 set.count += 1;
                 set.by_type
-                    .entry((m.tenant_id, m.event_type.clone()))
+                    .entry(m.tenant_id)
+                    .or_default()
+                    .entry(m.event_type.clone())
                     .or_default()
                     .push(Arc::new(m));
             }

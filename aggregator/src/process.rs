@@ -9,7 +9,7 @@ use rust_decimal::Decimal;
 use schemas::meter::{self, Aggregation, ValueError};
 use schemas::proto::usage::v1::UsageEvent;
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 use uuid::Uuid;
 
 pub const NANOS_PER_SEC: i64 = 1_000_000_000;
@@ -108,12 +108,13 @@ pub fn classify(
             let wm = wms.entry(p.partition).or_insert(0);
             let late = floor(t, MINUTE) + MINUTE + grace <= *wm;
             *wm = (*wm).max(t);
-            let candidates = meters.for_event(p.tenant, &p.event.r#type);
-            let applicable: Vec<&Arc<Meter>> = candidates
-                .iter()
-                .filter(|m| m.applies_at(p.received))
-                .collect();
-            if applicable.is_empty() {
+            let applicable = || {
+                meters
+                    .for_event(p.tenant, &p.event.r#type)
+                    .iter()
+                    .filter(|m| m.applies_at(p.received))
+            };
+            if applicable().next().is_none() {
                 return Outcome::Unmetered;
             }
             let data = if p.event.data_json.is_empty() {
@@ -129,8 +130,8 @@ pub fn classify(
                     }
                 }
             };
-            let mut contributions = Vec::with_capacity(applicable.len());
-            for m in applicable {
+            let mut contributions = Vec::with_capacity(1);
+            for m in applicable() {
                 match contribution(m, &data) {
                     Ok(c) => contributions.push(c),
                     Err((e, path)) => {
@@ -153,18 +154,11 @@ fn contribution(
     m: &Arc<Meter>,
     data: &serde_json::Value,
 ) -> Result<Contribution, (ValueError, String)> {
-    let mut group = serde_json::Map::new();
-    for (name, path) in &m.group_by {
-        if let Some(v) = path.get(data) {
-            let text = match v {
-                serde_json::Value::Null => continue,
-                serde_json::Value::Object(_) | serde_json::Value::Array(_) => v.to_string(),
-                _ => meter::scalar_text(v).map_err(|e| (e, path.as_str().to_string()))?,
-            };
-            group.insert(name.clone(), serde_json::Value::String(text));
-        }
-    }
-    let group: Arc<str> = Arc::from(serde_json::Value::Object(group).to_string());
+    let group = if m.group_by.is_empty() {
+        EMPTY_GROUP.clone()
+    } else {
+        group_values(m, data)?
+    };
     let (mut value, mut unique) = (None, None);
     if let (true, Some(path)) = (m.aggregation.needs_value(), &m.value_property) {
         let err = |e: ValueError| (e, path.as_str().to_string());
@@ -185,6 +179,25 @@ fn contribution(
         value,
         unique,
     })
+}
+
+/// The group-by values of every meter without dimensions: one shared `{}`.
+static EMPTY_GROUP: LazyLock<Arc<str>> = LazyLock::new(|| Arc::from("{}"));
+
+/// Canonical JSON of a meter's group-by values (keys sorted; absent paths left out).
+fn group_values(m: &Meter, data: &serde_json::Value) -> Result<Arc<str>, (ValueError, String)> {
+    let mut group = serde_json::Map::new();
+    for (name, path) in &m.group_by {
+        if let Some(v) = path.get(data) {
+            let text = match v {
+                serde_json::Value::Null => continue,
+                serde_json::Value::Object(_) | serde_json::Value::Array(_) => v.to_string(),
+                _ => meter::scalar_text(v).map_err(|e| (e, path.as_str().to_string()))?,
+            };
+            group.insert(name.clone(), serde_json::Value::String(text));
+        }
+    }
+    Ok(Arc::from(serde_json::Value::Object(group).to_string()))
 }
 
 pub fn floor(t: i64, unit: i64) -> i64 {
@@ -228,17 +241,82 @@ impl Acc {
             });
         }
     }
+
+    /// Adds another window's deltas (the same rules as adding its events one by one).
+    fn merge(&mut self, o: &Acc) {
+        self.count += o.count;
+        self.sum += o.sum;
+        self.min = match (self.min, o.min) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        self.max = match (self.max, o.max) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            (a, b) => a.or(b),
+        };
+        self.latest = self.latest.max(o.latest);
+    }
 }
 
-/// Everything a flush writes besides offsets, dedup ids and dead letters.
+/// How a flush tallies an event: (outcome, reason) as stored in `event_outcomes`.
+pub fn tally(o: &Outcome, duplicate: bool) -> (&'static str, &'static str) {
+    match (o, duplicate) {
+        (_, true) => ("duplicate", ""),
+        (Outcome::Unmetered, _) => ("unmetered", ""),
+        (Outcome::Rejected { reason, .. }, _) => ("rejected", *reason),
+        (Outcome::Accepted { .. }, _) => ("accepted", ""),
+    }
+}
+
+/// What an event adds to the windows: its contributions and whether it is late, if it is
+/// accepted and not a duplicate.
+pub fn counted(o: &Outcome, duplicate: bool) -> Option<(&[Contribution], bool)> {
+    match o {
+        Outcome::Accepted {
+            contributions,
+            late,
+        } if !duplicate => Some((contributions, *late)),
+        _ => None,
+    }
+}
+
+/// The hour and day windows a minute window rolls up into.
+pub fn rollups(minute: &WindowKey) -> [WindowKey; 2] {
+    [(1, HOUR), (2, DAY)].map(|(grain, unit)| WindowKey {
+        grain,
+        window_start: floor(minute.window_start, unit),
+        ..minute.clone()
+    })
+}
+
+type FastMap<K, V> = HashMap<K, V, ahash::RandomState>;
+type FastSet<K> = HashSet<K, ahash::RandomState>;
+
+/// A minute window while folding: borrows the flush's events and outcomes, so folding an event
+/// allocates nothing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct MinuteKey<'a> {
+    tenant: Uuid,
+    meter: Uuid,
+    start: i64,
+    subject: &'a str,
+    group: &'a Arc<str>,
+}
+
+/// (tenant, day of reception as Unix days, outcome, reason) → events.
+pub type Tallies = BTreeMap<(Uuid, i64, &'static str, &'static str), i64>;
+
+/// Everything a flush writes besides offsets, dedup ids and dead letters. Every list is sorted
+/// by key, so that concurrent flushes touch shared rows in one order.
 #[derive(Debug, Default)]
 pub struct Deltas {
-    pub windows: BTreeMap<WindowKey, Acc>,
-    pub uniques: HashSet<(WindowKey, String)>,
+    /// Per grain (the index of [`GRAINS`]): window deltas.
+    pub windows: [Vec<(WindowKey, Acc)>; 3],
+    /// Per grain: distinct values seen in a window.
+    pub uniques: [Vec<(WindowKey, String)>; 3],
     /// Late deltas per minute window: what the rater turns into correction lines.
-    pub corrections: BTreeMap<WindowKey, Acc>,
-    /// (tenant, day of reception as Unix days, outcome, reason) → events.
-    pub outcomes: BTreeMap<(Uuid, i64, &'static str, &'static str), i64>,
+    pub corrections: Vec<(WindowKey, Acc)>,
+    pub outcomes: Tallies,
     pub accepted: u64,
     pub duplicates: u64,
     pub unmetered: u64,
@@ -247,19 +325,17 @@ pub struct Deltas {
 }
 
 impl Deltas {
-    /// Folds classified events; `duplicate[i]` marks events dedup found already counted.
-    pub fn build(events: &[Pending], outcomes: &[Outcome], duplicate: &[bool]) -> Deltas {
+    /// Folds classified events; `duplicate[i]` marks events dedup found already counted. Events
+    /// are folded into minute windows only; the hour and day rollups are sums of those.
+    pub fn build<'a>(events: &'a [Pending], outcomes: &'a [Outcome], duplicate: &[bool]) -> Deltas {
         let mut d = Deltas::default();
+        let mut minutes: FastMap<MinuteKey<'a>, Acc> = FastMap::default();
+        let mut uniques: FastSet<(MinuteKey<'a>, &'a str)> = FastSet::default();
+        let mut corrections: FastMap<MinuteKey<'a>, Acc> = FastMap::default();
         for ((p, o), dup) in events.iter().zip(outcomes).zip(duplicate) {
-            let day = p.received.div_euclid(DAY);
-            let (outcome, reason) = match (o, dup) {
-                (_, true) => ("duplicate", ""),
-                (Outcome::Unmetered, _) => ("unmetered", ""),
-                (Outcome::Rejected { reason, .. }, _) => ("rejected", *reason),
-                (Outcome::Accepted { .. }, _) => ("accepted", ""),
-            };
+            let (outcome, reason) = tally(o, *dup);
             *d.outcomes
-                .entry((p.tenant, day, outcome, reason))
+                .entry((p.tenant, p.received.div_euclid(DAY), outcome, reason))
                 .or_default() += 1;
             match outcome {
                 "duplicate" => d.duplicates += 1,
@@ -267,45 +343,81 @@ impl Deltas {
                 "rejected" => d.rejected += 1,
                 _ => d.accepted += 1,
             }
-            let (
-                Outcome::Accepted {
-                    contributions,
-                    late,
-                },
-                false,
-            ) = (o, dup)
-            else {
+            let Some((contributions, late)) = counted(o, *dup) else {
                 continue;
             };
-            if *late {
+            if late {
                 d.late += 1;
             }
             let t = p.event.time_unix_nanos;
-            let subject: Arc<str> = Arc::from(p.event.subject.as_str());
             for c in contributions {
-                for (grain, unit) in GRAINS {
-                    let key = WindowKey {
-                        grain,
-                        tenant: p.tenant,
-                        meter: c.meter.id,
-                        window_start: floor(t, unit),
-                        subject: subject.clone(),
-                        group: c.group.clone(),
-                    };
-                    if let Some(u) = &c.unique {
-                        d.uniques.insert((key.clone(), u.clone()));
-                    }
-                    if grain == 0 && *late {
-                        d.corrections
-                            .entry(key.clone())
-                            .or_default()
-                            .add(t, c.value);
-                    }
-                    d.windows.entry(key).or_default().add(t, c.value);
+                let key = MinuteKey {
+                    tenant: p.tenant,
+                    meter: c.meter.id,
+                    start: floor(t, MINUTE),
+                    subject: &p.event.subject,
+                    group: &c.group,
+                };
+                if let Some(u) = &c.unique {
+                    uniques.insert((key, u.as_str()));
                 }
+                if late {
+                    corrections.entry(key).or_default().add(t, c.value);
+                }
+                minutes.entry(key).or_default().add(t, c.value);
             }
         }
+
+        // Own the keys (one allocation per distinct subject) and roll the minutes up.
+        let mut subjects: FastMap<&'a str, Arc<str>> = FastMap::default();
+        let mut own = |k: &MinuteKey<'a>| WindowKey {
+            grain: 0,
+            tenant: k.tenant,
+            meter: k.meter,
+            window_start: k.start,
+            subject: subjects
+                .entry(k.subject)
+                .or_insert_with(|| Arc::from(k.subject))
+                .clone(),
+            group: k.group.clone(),
+        };
+        let mut rolled: [FastMap<WindowKey, Acc>; 2] = Default::default();
+        d.windows[0].reserve(minutes.len());
+        for (k, acc) in minutes {
+            let key = own(&k);
+            for (map, r) in rolled.iter_mut().zip(rollups(&key)) {
+                map.entry(r).or_default().merge(&acc);
+            }
+            d.windows[0].push((key, acc));
+        }
+        for (grain, map) in rolled.into_iter().enumerate() {
+            d.windows[grain + 1] = map.into_iter().collect();
+        }
+        let mut rolled: [FastSet<(WindowKey, &str)>; 2] = Default::default();
+        for (k, u) in uniques {
+            let key = own(&k);
+            for (set, r) in rolled.iter_mut().zip(rollups(&key)) {
+                set.insert((r, u));
+            }
+            d.uniques[0].push((key, u.to_string()));
+        }
+        for (grain, set) in rolled.into_iter().enumerate() {
+            d.uniques[grain + 1] = set.into_iter().map(|(k, u)| (k, u.to_string())).collect();
+        }
+        d.corrections = corrections.into_iter().map(|(k, a)| (own(&k), a)).collect();
+        for w in &mut d.windows {
+            w.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        }
+        for u in &mut d.uniques {
+            u.sort_unstable();
+        }
+        d.corrections.sort_unstable_by(|a, b| a.0.cmp(&b.0));
         d
+    }
+
+    /// Window rows written, all grains.
+    pub fn window_rows(&self) -> usize {
+        self.windows.iter().map(Vec::len).sum()
     }
 }
 
@@ -354,6 +466,160 @@ pub fn dedup_within(events: &[Pending], outcomes: &[Outcome]) -> (Vec<(usize, Uu
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn meter(id: u128, aggregation: Aggregation) -> Arc<Meter> {
+        Arc::new(Meter {
+            id: Uuid::from_u128(id),
+            tenant_id: Uuid::from_u128(0xb1),
+            slug: format!("m{id}"),
+            event_type: "t".into(),
+            aggregation,
+            value_property: None,
+            group_by: Vec::new(),
+            created_unix_nanos: 0,
+            deleted_unix_nanos: None,
+        })
+    }
+
+    type Windows = BTreeMap<WindowKey, Acc>;
+
+    /// The fold as it was before rollups: every event added at every grain.
+    fn fold_every_grain(
+        events: &[Pending],
+        outcomes: &[Outcome],
+        duplicate: &[bool],
+    ) -> (
+        Windows,
+        std::collections::BTreeSet<(WindowKey, String)>,
+        Windows,
+        Tallies,
+    ) {
+        let (mut windows, mut uniques, mut corrections, mut tallies) = (
+            BTreeMap::new(),
+            std::collections::BTreeSet::new(),
+            BTreeMap::new(),
+            BTreeMap::new(),
+        );
+        for ((p, o), dup) in events.iter().zip(outcomes).zip(duplicate) {
+            let (outcome, reason) = tally(o, *dup);
+            *tallies
+                .entry((p.tenant, p.received.div_euclid(DAY), outcome, reason))
+                .or_insert(0) += 1;
+            let Some((contributions, late)) = counted(o, *dup) else {
+                continue;
+            };
+            let t = p.event.time_unix_nanos;
+            for c in contributions {
+                for (grain, unit) in GRAINS {
+                    let key = WindowKey {
+                        grain,
+                        tenant: p.tenant,
+                        meter: c.meter.id,
+                        window_start: floor(t, unit),
+                        subject: Arc::from(p.event.subject.as_str()),
+                        group: c.group.clone(),
+                    };
+                    if let Some(u) = &c.unique {
+                        uniques.insert((key.clone(), u.clone()));
+                    }
+                    if grain == 0 && late {
+                        corrections
+                            .entry(key.clone())
+                            .or_insert_with(Acc::default)
+                            .add(t, c.value);
+                    }
+                    windows
+                        .entry(key)
+                        .or_insert_with(Acc::default)
+                        .add(t, c.value);
+                }
+            }
+        }
+        (windows, uniques, corrections, tallies)
+    }
+
+    #[test]
+    fn rollups_equal_folding_every_grain() {
+        let sum = meter(1, Aggregation::Sum);
+        let uniq = meter(2, Aggregation::UniqueCount);
+        let tenants = [Uuid::from_u128(0xb1), Uuid::from_u128(0xb2)];
+        let groups: [Arc<str>; 2] = [Arc::from("{}"), Arc::from(r#"{"model":"a"}"#)];
+        // A fixed pseudo-random walk over 2 days, 3 subjects, 2 groups and every outcome.
+        let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+        let mut next = |n: u64| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x % n
+        };
+        let (mut events, mut outcomes, mut duplicate) = (Vec::new(), Vec::new(), Vec::new());
+        for i in 0..5_000 {
+            let time = 1_800_000_000 * NANOS_PER_SEC + next(2 * DAY as u64) as i64;
+            events.push(Pending {
+                partition: (i % 4) as i32,
+                offset: i,
+                tenant: tenants[next(2) as usize],
+                received: time + next(3 * DAY as u64) as i64,
+                event: UsageEvent {
+                    id: format!("e{i}"),
+                    subject: format!("s{}", next(3)),
+                    // Few distinct times, so that ties on `latest` occur.
+                    time_unix_nanos: time - time % (7 * MINUTE),
+                    ..Default::default()
+                },
+            });
+            let value = Decimal::new(next(10_000) as i64 - 2_000, next(4) as u32);
+            outcomes.push(match next(10) {
+                0 => Outcome::Unmetered,
+                1 => Outcome::Rejected {
+                    reason: "value_not_numeric",
+                    detail: String::new(),
+                },
+                k => Outcome::Accepted {
+                    contributions: vec![
+                        Contribution {
+                            meter: sum.clone(),
+                            group: groups[next(2) as usize].clone(),
+                            value: Some(value),
+                            unique: None,
+                        },
+                        Contribution {
+                            meter: uniq.clone(),
+                            group: groups[0].clone(),
+                            value: None,
+                            unique: Some(format!("u{}", next(20))),
+                        },
+                    ],
+                    late: k == 2,
+                },
+            });
+            duplicate.push(next(20) == 0);
+        }
+        let d = Deltas::build(&events, &outcomes, &duplicate);
+        let (windows, uniques, corrections, tallies) =
+            fold_every_grain(&events, &outcomes, &duplicate);
+        let got: BTreeMap<WindowKey, Acc> = d.windows.iter().flatten().cloned().collect();
+        assert_eq!(got.len(), d.window_rows(), "a window appears twice");
+        assert_eq!(got, windows);
+        for (grain, w) in d.windows.iter().enumerate() {
+            assert!(w.iter().all(|(k, _)| k.grain == grain), "grain {grain}");
+            assert!(
+                w.windows(2).all(|p| p[0].0 < p[1].0),
+                "grain {grain} unsorted"
+            );
+        }
+        let got: std::collections::BTreeSet<_> = d.uniques.iter().flatten().cloned().collect();
+        assert_eq!(got, uniques);
+        assert_eq!(d.uniques.iter().map(Vec::len).sum::<usize>(), uniques.len());
+        let got: BTreeMap<WindowKey, Acc> = d.corrections.iter().cloned().collect();
+        assert_eq!(got, corrections);
+        assert_eq!(d.outcomes, tallies);
+        assert_eq!(
+            d.accepted + d.duplicates + d.unmetered + d.rejected,
+            events.len() as u64
+        );
+        assert!(d.late > 0 && !d.corrections.is_empty() && !d.uniques[2].is_empty());
+    }
 
     #[test]
     fn dedup_keys_separate_their_parts() {

@@ -513,7 +513,9 @@ impl Shard {
 /// partition (one transaction each).
 #[derive(Debug)]
 struct Batch {
-    parts: Vec<Part>,
+    /// Shared with the part's flush task (each part flushes on its own task, so that the CPU
+    /// work of the parts can run on different cores).
+    parts: Vec<Arc<Part>>,
     started: Instant,
 }
 
@@ -545,7 +547,7 @@ impl Batch {
         }
         parts.retain(|p| !p.commits.is_empty());
         Batch {
-            parts,
+            parts: parts.into_iter().map(Arc::new).collect(),
             started: Instant::now(),
         }
     }
@@ -570,7 +572,7 @@ async fn wait_inflight(
 /// the flush task.
 #[derive(Debug)]
 struct Flusher {
-    cfg: Config,
+    cfg: Arc<Config>,
     dbs: Vec<Option<Client>>,
     meters: MeterCache,
 }
@@ -578,7 +580,7 @@ struct Flusher {
 impl Flusher {
     fn new(cfg: &Config) -> Self {
         Flusher {
-            cfg: cfg.clone(),
+            cfg: Arc::new(cfg.clone()),
             dbs: (0..cfg.flush.parallelism.max(1)).map(|_| None).collect(),
             meters: MeterCache::default(),
         }
@@ -632,54 +634,61 @@ impl Flusher {
                 .ensure_fresh(db, received_max, now_nanos(), refresh)
                 .await?;
         }
-        let meters = self.meters.set.clone();
-        let cfg = &self.cfg;
-        let runs = self
-            .dbs
-            .iter_mut()
-            .zip(b.parts.iter().zip(reports.iter_mut()))
-            .filter(|(_, (_, r))| r.is_none())
-            .map(|(db, (part, report))| {
-                let meters = meters.clone();
-                async move {
-                    let db = db.as_mut().expect("connected above");
-                    let r = flush::flush(
-                        db,
-                        FlushInput {
-                            group: &cfg.consumer_group,
-                            topic: &cfg.kafka.topic,
-                            member: &cfg.member,
-                            partitions: &part.commits,
-                            events: &part.pending,
-                            bad: &part.bad,
-                            meters: &meters,
-                            lateness: &cfg.lateness,
-                            dedup_window_secs: cfg.dedup.window_secs,
-                        },
-                    )
-                    .await;
+        // Every part not yet committed flushes on its own task, with its own connection.
+        let mut tasks = Vec::new();
+        for (i, part) in b.parts.iter().enumerate() {
+            if reports[i].is_some() {
+                continue;
+            }
+            let mut db = self.dbs[i].take().expect("connected above");
+            let (cfg, part, meters) = (self.cfg.clone(), part.clone(), self.meters.set.clone());
+            let task = tokio::spawn(async move {
+                let r = flush::flush(
+                    &mut db,
+                    FlushInput {
+                        group: &cfg.consumer_group,
+                        topic: &cfg.kafka.topic,
+                        member: &cfg.member,
+                        partitions: &part.commits,
+                        events: &part.pending,
+                        bad: &part.bad,
+                        meters: &meters,
+                        lateness: &cfg.lateness,
+                        dedup_window_secs: cfg.dedup.window_secs,
+                    },
+                )
+                .await;
+                (db, r)
+            });
+            tasks.push((i, task));
+        }
+        // Every task is awaited before anything is returned: no part is left half-done while
+        // the flush is retried. A fence wins over a database error: the state must be re-read
+        // either way.
+        let (mut fenced, mut first_err, mut panic) = (None, None, None);
+        for (i, task) in tasks {
+            match task.await {
+                Ok((db, r)) => {
+                    self.dbs[i] = Some(db);
                     match r {
-                        Ok(rep) => {
-                            *report = Some(rep);
-                            Ok(())
-                        }
-                        Err(e) => Err(e),
+                        Ok(rep) => reports[i] = Some(rep),
+                        Err(FlushError::Fenced(w)) => fenced = fenced.or(Some(w)),
+                        Err(e) => first_err = first_err.or(Some(e)),
                     }
                 }
-            });
-        let results = futures_util::future::join_all(runs).await;
-        // A fence wins over a database error: the state must be re-read either way.
-        let mut first_err = None;
-        for r in results {
-            match r {
-                Err(FlushError::Fenced(w)) => return Err(FlushError::Fenced(w)),
-                Err(e) => first_err = first_err.or(Some(e)),
-                Ok(()) => {}
+                Err(e) if e.is_panic() => panic = panic.or(Some(e.into_panic())),
+                // Only when the runtime shuts down: nothing of this part committed.
+                Err(e) => fenced = fenced.or(Some(format!("flush task cancelled: {e}"))),
             }
         }
-        match first_err {
-            Some(e) => Err(e),
-            None => Ok(()),
+        if let Some(p) = panic {
+            // The shard's task then fails and the shard drops its unflushed state.
+            std::panic::resume_unwind(p);
+        }
+        match (fenced, first_err) {
+            (Some(w), _) => Err(FlushError::Fenced(w)),
+            (None, Some(e)) => Err(e),
+            (None, None) => Ok(()),
         }
     }
 }
