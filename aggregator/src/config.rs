@@ -97,7 +97,7 @@ impl Default for Config {
             },
             flush: FlushConfig {
                 max_events: 50_000,
-                interval_ms: 250,
+                interval_ms: 100,
                 parallelism: 2,
             },
             lease: LeaseConfig {
