@@ -54,6 +54,19 @@ print(f"{name}\t{rps:.0f}\t{rps*per:.0f}\t{kv['p50_ms']}\t{kv['p99_ms']}\t{bad}"
 PY
 }
 
+# broker_loop NAME SUBJECTS -> the bare broker under the same closed loop: $CONNS clients, one
+# one-event record each, acks=all, waiting for the acknowledgement (no latency figures)
+broker_loop() {
+  local out
+  out=$("$BIN/agg-bench" produce-loop "127.0.0.1:$BROKER_PORT" "$TOPIC" "$TENANT" "$CONNS" "$DUR" "$2" | grep '^RESULT')
+  python3 - "$1" "$out" <<'PY'
+import sys
+kv = dict(x.split("=") for x in sys.argv[2].split()[1:])
+rps = float(kv["records_per_s"])
+print(f"{sys.argv[1]}\t{rps:.0f}\t{rps:.0f}\t-\t-\t0")
+PY
+}
+
 start_ingest() {
   INGEST_PORT=$INGEST_BENCH_PORT INGEST_KAFKA__TOPIC=$TOPIC INGEST_KAFKA__PACKING=$1 \
     KAFKA_BROKERS=127.0.0.1:$BROKER_PORT \
@@ -73,6 +86,8 @@ tansu topic create "$TOPIC" --broker "tcp://127.0.0.1:$BROKER_PORT" --partitions
 results=()
 results+=("$(run 'bare hyper, 1 event/request' $BARE_PORT "$WORK/single.json" application/cloudevents+json 1)")
 results+=("$(SUBJECTS=64 run 'bare hyper, 1 event/request, 64 subjects' $BARE_PORT "$WORK/single.json" application/cloudevents+json 1)")
+results+=("$(broker_loop 'bare broker, closed loop, 1 one-event record/request' 1)")
+results+=("$(broker_loop 'bare broker, closed loop, 64 subjects' 64)")
 start_ingest partition
 results+=("$(run 'ingest, 1 event/request' $INGEST_BENCH_PORT "$WORK/single.json" application/cloudevents+json 1)")
 results+=("$(SUBJECTS=64 run 'ingest, 1 event/request, 64 subjects' $INGEST_BENCH_PORT "$WORK/single.json" application/cloudevents+json 1)")

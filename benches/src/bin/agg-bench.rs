@@ -9,13 +9,17 @@
 //!   librdkafka settings).
 //! - `post URL KEY EVENTS BATCH CONCURRENCY`: posts EVENTS unique events through ingest in
 //!   batches, CONCURRENCY requests at a time.
+//! - `produce-loop BROKERS TOPIC TENANT CONCURRENCY SECONDS SUBJECTS`: the bare broker under
+//!   the closed loop the ingest bench puts on ingest: CONCURRENCY clients, each producing one
+//!   one-event record (acks=all, idempotent, linger 0, keyed by tenant + subject over SUBJECTS
+//!   subjects, murmur2) and waiting for its acknowledgement before the next, for SECONDS.
 //! - `wait DATABASE_URL TENANT EVENTS`: polls PostgreSQL until EVENTS events of TENANT are
 //!   accounted for by the aggregator; prints the seconds since it started.
 
 use prost::Message as _;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
+use rdkafka::producer::{BaseRecord, FutureProducer, FutureRecord, Producer, ThreadedProducer};
 use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
 use schemas::proto::usage::v1::{EventBatch, UsageEvent};
 use std::time::{Duration, Instant};
@@ -62,6 +66,112 @@ fn local(brokers: &str) {
     assert!(brokers.starts_with("127."), "local targets only");
 }
 
+/// A record of no events, produced before the clock starts (see `fill`).
+fn warm_up_record(tenant: &str) -> Vec<u8> {
+    EventBatch {
+        tenant_id: tenant.to_string(),
+        request_id: "bench-warm-up".into(),
+        received_unix_nanos: now_nanos(),
+        events: Vec::new(),
+    }
+    .encode_to_vec()
+}
+
+/// The headers ingest puts on every record.
+fn batch_headers() -> OwnedHeaders {
+    OwnedHeaders::new().insert(Header {
+        key: schemas::kafka::CONTENT_TYPE_HEADER,
+        value: Some(schemas::kafka::EVENT_BATCH_V1),
+    })
+}
+
+async fn produce_loop(
+    brokers: &str,
+    topic: &str,
+    tenant: &str,
+    concurrency: u64,
+    seconds: u64,
+    subjects: u64,
+) {
+    local(brokers);
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("broker.address.family", "v4")
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("linger.ms", "0")
+        .set("partitioner", "murmur2")
+        .create()
+        .expect("producer");
+    // Not timed: the producer id (see `fill`) and the topic's metadata.
+    let warm = warm_up_record(tenant);
+    producer
+        .send(
+            FutureRecord::<(), _>::to(topic)
+                .partition(0)
+                .payload(&warm)
+                .headers(batch_headers()),
+            Duration::from_secs(30),
+        )
+        .await
+        .map_err(|(e, _)| e)
+        .expect("warm-up record");
+    let run = now_nanos();
+    let until = Instant::now() + Duration::from_secs(seconds);
+    let started = Instant::now();
+    let next = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..concurrency {
+        let (producer, next) = (producer.clone(), next.clone());
+        let (topic, tenant) = (topic.to_string(), tenant.to_string());
+        tasks.push(tokio::spawn(async move {
+            let mut done = 0u64;
+            while Instant::now() < until {
+                let k = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let subject = format!("cust-{}", k % subjects.max(1));
+                let received = now_nanos();
+                let payload = EventBatch {
+                    tenant_id: tenant.clone(),
+                    request_id: format!("loop-{k}"),
+                    received_unix_nanos: received,
+                    events: vec![UsageEvent {
+                        id: event_id(run, k),
+                        source: "bench".into(),
+                        r#type: "prompt".into(),
+                        subject: subject.clone(),
+                        time_unix_nanos: received,
+                        data_json: data(k).into_bytes().into(),
+                    }],
+                }
+                .encode_to_vec();
+                let key = schemas::kafka::record_key(&tenant, &subject);
+                producer
+                    .send(
+                        FutureRecord::to(&topic)
+                            .key(&key)
+                            .payload(&payload)
+                            .headers(batch_headers()),
+                        Duration::from_secs(30),
+                    )
+                    .await
+                    .map_err(|(e, _)| e)
+                    .expect("produce");
+                done += 1;
+            }
+            done
+        }));
+    }
+    let mut records = 0;
+    for t in tasks {
+        records += t.await.expect("task");
+    }
+    let s = started.elapsed().as_secs_f64();
+    println!(
+        "RESULT records_per_s={:.0} seconds={s:.2} records={records}",
+        records as f64 / s
+    );
+}
+
 fn fill(brokers: &str, topic: &str, tenant: &str, events: u64) {
     local(brokers);
     let producer: ThreadedProducer<_> = ClientConfig::new()
@@ -82,17 +192,8 @@ fn fill(brokers: &str, topic: &str, tenant: &str, events: u64) {
     // Not timed: an idempotent producer first acquires its producer id (librdkafka's timer:
     // up to ~0.5 s), which made this baseline bimodal (0.38 M or 1.2 M events/s). One record
     // of no events, flushed, pays that before the clock starts.
-    let headers = OwnedHeaders::new().insert(Header {
-        key: schemas::kafka::CONTENT_TYPE_HEADER,
-        value: Some(schemas::kafka::EVENT_BATCH_V1),
-    });
-    let warm = EventBatch {
-        tenant_id: tenant.to_string(),
-        request_id: "bench-warm-up".into(),
-        received_unix_nanos: now_nanos(),
-        events: Vec::new(),
-    }
-    .encode_to_vec();
+    let headers = batch_headers();
+    let warm = warm_up_record(tenant);
     producer
         .send(
             BaseRecord::<(), _>::to(topic)
@@ -324,9 +425,13 @@ async fn main() {
                 .expect("drain")
         }
         "post" => post(&arg(2), &arg(3), num(4), num(5), num(6)).await,
+        "produce-loop" => {
+            let subjects = num(7);
+            produce_loop(&arg(2), &arg(3), &arg(4), num(5), num(6), subjects).await
+        }
         "wait" => wait(&arg(2), &arg(3), num(4) as i64).await,
         _ => {
-            eprintln!("usage: agg-bench fill|drain|post|wait ... (see the source's doc comment)");
+            eprintln!("usage: agg-bench fill|drain|produce-loop|post|wait ... (see the source's doc comment)");
             std::process::exit(2);
         }
     }
