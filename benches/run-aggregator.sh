@@ -26,7 +26,17 @@ TOPIC=bench-agg
 DB=metering_bench
 WORK=$(mktemp -d)
 cleanup() {
+  # The aggregator first, while the broker is still up (a consumer closing with the broker
+  # gone can wait a long time), then the rest; whatever is left after 15 s is killed.
+  local p
+  p=$(cat "$WORK/aggregator.pid" 2>/dev/null || true)
+  if [ -n "$p" ]; then
+    kill "$p" 2>/dev/null || true
+    for _ in $(seq 1 150); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
+  fi
   kill $(jobs -p) 2>/dev/null || true
+  for _ in $(seq 1 150); do [ -z "$(jobs -rp)" ] && break; sleep 0.1; done
+  kill -9 $(jobs -rp) 2>/dev/null || true
   wait 2>/dev/null || true
   rm -rf "$WORK"
   psql -q -h "$PGHOST" -U "$PGUSER" -d postgres -c "DROP DATABASE IF EXISTS $DB WITH (FORCE)" >/dev/null 2>&1 || true
@@ -151,10 +161,10 @@ hz = float(sys.argv[14])
 print(f"| CPU µs per event ({n} events) | tansu | ingest | aggregator | PostgreSQL | rest | total | cores busy |")
 print("|---|---:|---:|---:|---:|---:|---:|---:|")
 for name, a, b, secs in (("aggregator alone", sys.argv[10], sys.argv[11], a_secs), ("whole pipeline", sys.argv[12], sys.argv[13], t1 - t0)):
-    d = [(int(y) - int(x)) / hz * 1e6 / n for x, y in zip(a.split(), b.split())]
-    rest = d[4] - sum(d[:4])
-    cells = " | ".join(f"{v:.2f}" for v in d[:4] + [rest, d[4]])
-    print(f"| {name} | {cells} | {d[4] * n / 1e6 / secs:.2f} |")
+    us = [(int(y) - int(x)) / hz * 1e6 / n for x, y in zip(a.split(), b.split())]
+    rest = us[4] - sum(us[:4])
+    cells = " | ".join(f"{v:.2f}" for v in us[:4] + [rest, us[4]])
+    print(f"| {name} | {cells} | {us[4] * n / 1e6 / secs:.2f} |")
 print()
 print(f"freshness at 50 k events/s (reception → queryable, per flush, {total} samples): p50 ≤ {q(0.5)} s, p99 ≤ {q(0.99)} s (histogram bucket bounds)")
 PY
