@@ -108,12 +108,8 @@ pub fn classify(
             let wm = wms.entry(p.partition).or_insert(0);
             let late = floor(t, MINUTE) + MINUTE + grace <= *wm;
             *wm = (*wm).max(t);
-            let applicable = || {
-                meters
-                    .for_event(p.tenant, &p.event.r#type)
-                    .iter()
-                    .filter(|m| m.applies_at(p.received))
-            };
+            let candidates = meters.for_event(p.tenant, &p.event.r#type);
+            let applicable = || candidates.iter().filter(|m| m.applies_at(p.received));
             if applicable().next().is_none() {
                 return Outcome::Unmetered;
             }
